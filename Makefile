@@ -1,0 +1,35 @@
+# Every target does its own set-up from a fresh clone.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTHON ?= python3
+# torch is pinned here: a looser requirement would pull a multi-GB CUDA build on a CPU machine.
+TORCH_PIN ?= torch==2.13.0
+STAMP := $(VENV)/.setup-stamp
+PYTEST_WORKERS ?= 2
+
+.PHONY: setup test demo bench compile-check clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_PIN)
+	$(PY) -m pip install -q -e '.[engine,dev]'
+	touch $(STAMP)
+
+compile-check: setup
+	$(PY) -m nitp_kernels.compile_check
+
+test: setup
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) tests
+
+demo: setup
+	$(PY) engine/train.py --preset tiny --out runs/demo
+
+bench: setup
+	$(PY) -m benchmarks.run $(if $(QUICK),--quick,)
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
