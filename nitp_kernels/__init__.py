@@ -1,0 +1,11 @@
+"""nitp_kernels: fused Next Implicit Token Prediction (NITP) + cross-entropy losses for PyTorch.
+
+    from nitp_kernels import fused_nitp_loss, NITPProjector
+    out = fused_nitp_loss(hidden, lm_head.weight, labels, shallow, projector)
+    out.loss.backward()
+"""
+from .api import NITPLossOutput, fused_linear_cross_entropy, fused_nitp_loss
+from .modules import NITPLoss, NITPProjector
+
+__all__ = ["fused_nitp_loss", "fused_linear_cross_entropy", "NITPProjector", "NITPLoss", "NITPLossOutput"]
+__version__ = "0.1.0"

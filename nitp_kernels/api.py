@@ -1,0 +1,125 @@
+"""Public functional API: fused_nitp_loss and fused_linear_cross_entropy (DESIGN.md section 3)."""
+from __future__ import annotations
+
+import os
+from typing import NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+from .chunked import FusedNITPFunction, run_chunks
+from .options import BACKENDS, LossOptions, Problem, ProjectorArg, build_problem, validate_options
+from .reference import reference_losses
+from .torch_ops import TorchChunkOps
+
+
+class NITPLossOutput(NamedTuple):
+    """loss = ce_loss + nitp_weight·nitp_loss + z_loss_weight·z_loss (only `loss` carries gradient)."""
+
+    loss: Tensor
+    ce_loss: Tensor
+    nitp_loss: Tensor
+    z_loss: Tensor
+    n_ce: Tensor
+    n_nitp: Tensor
+
+
+def _triton_ops():
+    try:
+        from .triton_ops import TritonChunkOps
+    except ImportError as err:
+        raise RuntimeError(f"backend='triton' is unavailable: {err}") from err
+    return TritonChunkOps()
+
+
+def resolve_backend(backend: str, hidden: Tensor) -> str:
+    """'auto' -> 'triton' for CUDA tensors when Triton is importable, else 'torch'."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        if hidden.is_cuda:
+            try:
+                import triton  # noqa: F401
+                from . import triton_ops  # noqa: F401
+                return "triton"
+            except ImportError:
+                return "torch"
+        return "torch"
+    if backend == "triton":
+        if hidden.dtype == torch.float64:
+            raise TypeError("backend='triton' takes float32, bfloat16 or float16 tensors, not float64 "
+                            "(use backend='torch' for float64)")
+        if not hidden.is_cuda and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+            raise ValueError("backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 to run on the CPU "
+                             "through Triton's interpreter")
+    return backend
+
+
+def _run(problem: Problem, backend: str, projector_tensors: tuple) -> tuple[Tensor, ...]:
+    if backend == "reference":
+        return reference_losses(problem)
+    ops = TorchChunkOps() if backend == "torch" else _triton_ops()
+    hidden, lm_weight, lm_bias = problem.hidden, problem.lm_weight, problem.lm_bias
+    w_gate, w_up, w_down = projector_tensors
+    shallow_grad = problem.with_nitp and not problem.options.stop_gradient
+    wants = {
+        "hidden": hidden.requires_grad,
+        "lm_weight": lm_weight.requires_grad,
+        "lm_bias": lm_bias is not None and lm_bias.requires_grad,
+        "shallow": shallow_grad and problem.shallow.requires_grad,
+        "projector": w_gate is not None and any(w.requires_grad for w in projector_tensors),
+    }
+    if not torch.is_grad_enabled() or not any(wants.values()):
+        wants = dict.fromkeys(wants, False)
+        with torch.no_grad():  # evaluation: losses only, no gradient buffer is built
+            (ce, nitp, z, n_ce, n_nitp), _ = run_chunks(problem, ops, wants)
+        opts = problem.options
+        return ce + opts.nitp_weight * nitp + opts.z_loss_weight * z, ce, nitp, z, n_ce, n_nitp
+    return FusedNITPFunction.apply(problem.hidden_input, lm_weight, lm_bias, problem.shallow_input,
+                                   w_gate, w_up, w_down, problem, ops, wants)
+
+
+def fused_nitp_loss(
+    hidden: Tensor, lm_weight: Tensor, labels: Tensor, shallow: Tensor, projector: ProjectorArg, *,
+    seq_len: Optional[int] = None, nitp_weight: float = 1.0, loss_type: str = "cosine", shift: int = 1,
+    stop_gradient: bool = True, ignore_index: int = -100, reduction: str = "mean",
+    label_smoothing: float = 0.0, z_loss_weight: float = 0.0, softcap: Optional[float] = None,
+    lm_bias: Optional[Tensor] = None, chunk_size: Optional[int] = None, backend: str = "auto",
+) -> NITPLossOutput:
+    """Cross-entropy of the LM head plus the NITP loss, fused, without materialising logits.
+
+    hidden, shallow: (B, T, d), or (N, d) with seq_len=T. labels: hidden.shape[:-1], already shifted
+    (labels[t] is token t+1), ignore_index marks positions without a label. lm_weight: (V, d).
+    projector: an NITPProjector, (w_gate (H, d), w_up (H, d), w_down (d, H)), or None (P = identity).
+    The NITP target of position t is shallow[t + shift] of the same sequence (stop-gradient by default).
+    See DESIGN.md section 3 for the exact semantics shared by every backend.
+    """
+    options = validate_options(
+        nitp_weight=nitp_weight, loss_type=loss_type, shift=shift, stop_gradient=stop_gradient,
+        ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
+        z_loss_weight=z_loss_weight, softcap=softcap, chunk_size=chunk_size)
+    problem = build_problem(hidden, lm_weight, labels, shallow, projector, options, seq_len=seq_len,
+                            lm_bias=lm_bias, with_nitp=True)
+    backend = resolve_backend(backend, problem.hidden)
+    weights = problem.projector if problem.projector is not None else (None, None, None)
+    return NITPLossOutput(*_run(problem, backend, weights))
+
+
+def fused_linear_cross_entropy(
+    hidden: Tensor, lm_weight: Tensor, labels: Tensor, *, ignore_index: int = -100, reduction: str = "mean",
+    label_smoothing: float = 0.0, z_loss_weight: float = 0.0, softcap: Optional[float] = None,
+    lm_bias: Optional[Tensor] = None, chunk_size: Optional[int] = None, backend: str = "auto",
+) -> Tensor:
+    """Cross-entropy (+ optional z-loss) of hidden @ lm_weight.T against labels, without materialising logits.
+
+    hidden: (..., d); labels: hidden.shape[:-1], already shifted. Returns the loss (ce + z_loss_weight·z).
+    """
+    options = validate_options(ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
+                               z_loss_weight=z_loss_weight, softcap=softcap, chunk_size=chunk_size)
+    problem = build_problem(hidden, lm_weight, labels, None, None, options, seq_len=None, lm_bias=lm_bias,
+                            with_nitp=False)
+    backend = resolve_backend(backend, problem.hidden)
+    return _run(problem, backend, (None, None, None))[0]
+
+
+__all__ = ["NITPLossOutput", "fused_nitp_loss", "fused_linear_cross_entropy", "LossOptions"]

@@ -1,0 +1,207 @@
+"""The chunk loop shared by the "torch" and "triton" backends (Liger FLCE's scheme, extended to NITP).
+
+Forward walks the N token rows in chunks. Per chunk it forms the logits, the CE/z-loss and d logits; the
+projector forward P(h) = W_down(silu(W_gate h) * W_up h), the NITP loss against shallow[t + shift] (read in place
+by index arithmetic) and d P(h); the SwiGLU backward; and accumulates d hidden, d lm_weight, d lm_bias and the
+projector's weight gradients. Only those gradient buffers are saved for backward, which scales them by the
+incoming gradient. No (N, V) or (N, H) tensor outlives a chunk.
+
+The chunk ops (cross_entropy, swiglu_forward, swiglu_backward, nitp_loss) are pluggable: TorchChunkOps or
+TritonChunkOps. Matmuls run in hidden.dtype; losses and gradient sums in promote_types(hidden.dtype, fp32).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+from .options import Problem
+from .reference import accumulation_dtype
+
+
+def default_chunk_size(n_rows: int, d_model: int, vocab: int) -> int:
+    """Liger FLCE's rule: a chunk's logits hold about as many elements as hidden (N·d)."""
+    inc_factor = math.ceil(vocab / d_model)
+    return 1 << max(0, math.ceil(math.log2(max(1, math.ceil(n_rows / inc_factor)))))
+
+
+@dataclass
+class Gradients:
+    """Gradient buffers, in the accumulation dtype while the loop runs."""
+
+    hidden: Optional[Tensor] = None
+    lm_weight: Optional[Tensor] = None
+    lm_bias: Optional[Tensor] = None
+    shallow: Optional[Tensor] = None
+    gate_up: Optional[Tensor] = None  # (2H, d): [d w_gate; d w_up] from one GEMM
+    w_down: Optional[Tensor] = None
+
+
+def run_chunks(problem: Problem, ops: Any, wants: dict[str, bool]) -> tuple[list[Tensor], Gradients]:
+    """Losses [ce, nitp, z, n_ce, n_nitp] (ce/nitp/z already reduced) and the gradients of
+    loss = ce + nitp_weight·nitp + z_loss_weight·z for the inputs named True in `wants`."""
+    opts = problem.options
+    hidden, labels = problem.hidden, problem.labels
+    n_rows, d = hidden.shape
+    mm_dtype, device = hidden.dtype, hidden.device
+    acc = accumulation_dtype(mm_dtype)
+    lm_weight = problem.lm_weight.to(mm_dtype)
+    lm_bias = None if problem.lm_bias is None else problem.lm_bias.to(mm_dtype)
+    vocab = lm_weight.shape[0]
+    with_nitp, shift = problem.with_nitp, opts.shift
+
+    ce_valid = labels != opts.ignore_index
+    n_ce = ce_valid.sum()
+    if with_nitp:
+        position = torch.arange(n_rows, device=device) % problem.seq_len
+        nitp_valid = ce_valid & (position + shift < problem.seq_len)
+        n_nitp = nitp_valid.sum()
+    else:
+        n_nitp = torch.zeros((), dtype=torch.int64, device=device)
+    one = torch.ones((), dtype=acc, device=device)
+    ce_scale = one / n_ce.clamp_min(1).to(acc) if opts.reduction == "mean" else one
+    nitp_scale = one / n_nitp.clamp_min(1).to(acc) if opts.reduction == "mean" else one
+
+    any_grad = any(wants.values())
+    w_gate_up = w_down = None
+    if with_nitp and problem.projector is not None:
+        w_gate, w_up, w_down = (w.to(mm_dtype) for w in problem.projector)
+        w_gate_up = torch.cat((w_gate, w_up), dim=0)  # one (2H x d) GEMM for gate and up
+        width = w_gate.shape[0]
+
+    grads = Gradients()
+    if any_grad:
+        if wants["hidden"]:
+            grads.hidden = torch.empty_like(hidden, dtype=acc)
+        if wants["lm_weight"]:
+            grads.lm_weight = torch.zeros((vocab, d), dtype=acc, device=device)
+        if wants["lm_bias"]:
+            grads.lm_bias = torch.zeros((vocab,), dtype=acc, device=device)
+        if wants["shallow"]:
+            grads.shallow = torch.zeros((n_rows, d), dtype=acc, device=device)
+        if wants["projector"]:
+            grads.gate_up = torch.zeros((2 * width, d), dtype=acc, device=device)
+            grads.w_down = torch.zeros((d, width), dtype=acc, device=device)
+    # d hidden is needed to reach the projector weights even when hidden itself needs no gradient
+    need_dh = wants["hidden"]
+    need_nitp_grad = any_grad and with_nitp and (wants["hidden"] or wants["projector"] or wants["shallow"])
+
+    chunk = opts.chunk_size or default_chunk_size(n_rows, d, vocab)
+    ce_sum = torch.zeros((), dtype=acc, device=device)
+    z_sum = torch.zeros((), dtype=acc, device=device)
+    nitp_sum = torch.zeros((), dtype=acc, device=device)
+    for start in range(0, n_rows, chunk):
+        end = min(start + chunk, n_rows)
+        h = hidden[start:end]
+        logits = h @ lm_weight.T if lm_bias is None else torch.addmm(lm_bias, h, lm_weight.T)
+        ce_c, z_c, d_logits = ops.cross_entropy(
+            logits, labels[start:end], ignore_index=opts.ignore_index, label_smoothing=opts.label_smoothing,
+            softcap=opts.softcap, z_loss_weight=opts.z_loss_weight, ce_scale=ce_scale, z_scale=ce_scale,
+            need_grad=any_grad and (wants["hidden"] or wants["lm_weight"] or wants["lm_bias"]))
+        ce_sum += ce_c
+        z_sum += z_c
+        d_h = None
+        if d_logits is not None:
+            if need_dh:
+                d_h = (d_logits @ lm_weight).to(acc)
+            if grads.lm_weight is not None:
+                grads.lm_weight.add_((d_logits.T @ h).to(acc))
+            if grads.lm_bias is not None:
+                grads.lm_bias.add_(d_logits.sum(0, dtype=acc))
+        del logits, d_logits
+
+        # NITP rows whose target t + shift exists in the flattened tensor; the per-row mask handles sequences
+        nitp_rows = min(end, n_rows - shift) - start if with_nitp else 0
+        if nitp_rows > 0:
+            h_n = h[:nitp_rows]
+            target = problem.shallow[start + shift:start + shift + nitp_rows]
+            gate_up = g = None
+            if w_gate_up is not None:
+                gate_up = h_n @ w_gate_up.T
+                g = ops.swiglu_forward(gate_up)
+                pred = g @ w_down.T
+            else:
+                pred = h_n
+            loss_c, d_pred, d_target = ops.nitp_loss(
+                pred, target, nitp_valid[start:start + nitp_rows], loss_type=opts.loss_type,
+                scale=opts.nitp_weight * nitp_scale, need_grad=need_nitp_grad,
+                need_target_grad=grads.shallow is not None)
+            nitp_sum += loss_c
+            if d_target is not None:
+                grads.shallow[start + shift:start + shift + nitp_rows] = d_target
+            if d_pred is not None:
+                if w_gate_up is not None:
+                    d_pred_mm = d_pred.to(mm_dtype)
+                    if grads.w_down is not None:
+                        grads.w_down.add_((d_pred_mm.T @ g).to(acc))
+                    d_gate_up = ops.swiglu_backward(d_pred_mm @ w_down, gate_up)
+                    if grads.gate_up is not None:
+                        grads.gate_up.add_((d_gate_up.T @ h_n).to(acc))
+                    d_from_nitp = (d_gate_up @ w_gate_up).to(acc) if need_dh else None
+                else:
+                    d_from_nitp = d_pred
+                if d_from_nitp is not None:
+                    if d_h is None:
+                        d_h = torch.zeros((end - start, d), dtype=acc, device=device)
+                    d_h[:nitp_rows] += d_from_nitp
+        if grads.hidden is not None:
+            if d_h is None:
+                grads.hidden[start:end] = 0
+            else:
+                grads.hidden[start:end] = d_h
+
+    if opts.reduction == "mean":
+        ce, z, nitp = ce_sum * ce_scale, z_sum * ce_scale, nitp_sum * nitp_scale
+    else:
+        ce, z, nitp = ce_sum, z_sum, nitp_sum
+    return [ce, nitp, z, n_ce, n_nitp], grads
+
+
+class FusedNITPFunction(torch.autograd.Function):
+    """Autograd wrapper: forward runs the chunk loop and saves only gradient buffers; backward scales them."""
+
+    @staticmethod
+    def forward(ctx, hidden, lm_weight, lm_bias, shallow, w_gate, w_up, w_down, problem, ops, wants):
+        (ce, nitp, z, n_ce, n_nitp), grads = run_chunks(problem, ops, wants)
+        opts = problem.options
+        loss = ce + opts.nitp_weight * nitp + opts.z_loss_weight * z
+
+        def to_input(buffer: Optional[Tensor], like: Optional[Tensor], shape=None) -> Optional[Tensor]:
+            if buffer is None:
+                return None
+            out = buffer.to(like.dtype)
+            return out.view(shape) if shape is not None else out
+
+        width = 0 if w_gate is None else w_gate.shape[0]
+        gate_up = to_input(grads.gate_up, w_gate)
+        saved = [
+            to_input(grads.hidden, hidden, hidden.shape),
+            to_input(grads.lm_weight, lm_weight),
+            to_input(grads.lm_bias, lm_bias),
+            to_input(grads.shallow, shallow, None if shallow is None else shallow.shape),
+            None if gate_up is None else gate_up[:width],
+            None if gate_up is None else gate_up[width:],
+            to_input(grads.w_down, w_down),
+        ]
+        del grads
+        ctx.has = [t is not None for t in saved]
+        ctx.save_for_backward(*[t for t in saved if t is not None])
+        ctx.used = False
+        ctx.mark_non_differentiable(ce, nitp, z, n_ce, n_nitp)
+        return loss, ce, nitp, z, n_ce, n_nitp
+
+    @staticmethod
+    def backward(ctx, grad_loss, *unused):
+        if ctx.used:
+            raise RuntimeError("fused NITP loss: backward was called twice; the gradient buffers are scaled in "
+                               "place, so retain_graph=True is not supported")
+        ctx.used = True
+        stored = iter(ctx.saved_tensors)
+        grads = [next(stored) if has else None for has in ctx.has]
+        for grad in grads:
+            if grad is not None:
+                grad.mul_(grad_loss)  # in place: no second copy of d lm_weight (V x d)
+        return (*grads, None, None, None)

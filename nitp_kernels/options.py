@@ -1,0 +1,205 @@
+"""Validation of the fused ops' inputs, and the normalised problem every backend receives.
+
+Every misuse raises ValueError or TypeError naming the argument, before any kernel runs, so a user never
+meets a crash deep inside a kernel or a silent NaN. The label range is checked on CPU tensors always and on
+CUDA tensors only with NITP_KERNELS_DEBUG=1, because the check needs a host synchronisation.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+LOSS_TYPES = ("cosine", "mse", "smooth_l1", "kl")
+REDUCTIONS = ("mean", "sum")
+BACKENDS = ("auto", "reference", "torch", "triton")
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+ProjectorArg = Union[None, torch.nn.Module, Sequence[Tensor]]
+
+
+@dataclass(frozen=True)
+class LossOptions:
+    """The keyword options shared by every backend (already validated)."""
+
+    nitp_weight: float = 1.0
+    loss_type: str = "cosine"
+    shift: int = 1
+    stop_gradient: bool = True
+    ignore_index: int = -100
+    reduction: str = "mean"
+    label_smoothing: float = 0.0
+    z_loss_weight: float = 0.0
+    softcap: Optional[float] = None
+    chunk_size: Optional[int] = None
+
+
+@dataclass
+class Problem:
+    """Flattened, validated tensors: hidden/shallow (N, d), labels (N,) int64, sequences of length seq_len.
+
+    `shallow` and the projector weights are None for plain cross-entropy; `projector` is None for the
+    projector-free ablation (P = identity) and otherwise (w_gate (H, d), w_up (H, d), w_down (d, H)).
+    """
+
+    hidden: Tensor
+    lm_weight: Tensor
+    lm_bias: Optional[Tensor]
+    labels: Tensor
+    shallow: Optional[Tensor]
+    projector: Optional[tuple[Tensor, Tensor, Tensor]]
+    seq_len: int
+    options: LossOptions
+    hidden_input: Tensor  # the caller's tensors, which autograd differentiates
+    shallow_input: Optional[Tensor]
+
+    @property
+    def with_nitp(self) -> bool:
+        return self.shallow is not None
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def validate_options(
+    *, nitp_weight: float = 1.0, loss_type: str = "cosine", shift: int = 1, stop_gradient: bool = True,
+    ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
+    z_loss_weight: float = 0.0, softcap: Optional[float] = None, chunk_size: Optional[int] = None,
+) -> LossOptions:
+    if not _is_number(nitp_weight) or not nitp_weight >= 0:
+        raise ValueError(f"nitp_weight must be a number >= 0, got {nitp_weight!r}")
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    if not isinstance(shift, int) or isinstance(shift, bool) or shift < 0:
+        raise ValueError(f"shift must be an int >= 0, got {shift!r}")
+    if not isinstance(stop_gradient, bool):
+        raise TypeError(f"stop_gradient must be a bool, got {type(stop_gradient).__name__}")
+    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if not _is_number(label_smoothing) or not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing!r}")
+    if not _is_number(z_loss_weight) or not z_loss_weight >= 0:
+        raise ValueError(f"z_loss_weight must be a number >= 0, got {z_loss_weight!r}")
+    if softcap is not None and (not _is_number(softcap) or not softcap > 0):
+        raise ValueError(f"softcap must be None or a number > 0, got {softcap!r}")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool)
+                                   or chunk_size < 1):
+        raise ValueError(f"chunk_size must be None or an int >= 1, got {chunk_size!r}")
+    return LossOptions(float(nitp_weight), loss_type, shift, stop_gradient, ignore_index, reduction,
+                       float(label_smoothing), float(z_loss_weight),
+                       None if softcap is None else float(softcap), chunk_size)
+
+
+def _check_float_tensor(name: str, tensor: object) -> Tensor:
+    if not isinstance(tensor, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, bfloat16, float16 or float64, got {tensor.dtype}")
+    return tensor
+
+
+def projector_weights(projector: ProjectorArg) -> Optional[tuple[Tensor, Tensor, Tensor]]:
+    """(w_gate, w_up, w_down) from an NITPProjector-like module or a 3-sequence; None stays None."""
+    if projector is None:
+        return None
+    if isinstance(projector, torch.nn.Module):
+        try:
+            return projector.w_gate, projector.w_up, projector.w_down
+        except AttributeError as err:
+            raise TypeError("projector module must have parameters w_gate, w_up, w_down (use NITPProjector)") from err
+    if isinstance(projector, (tuple, list)) and len(projector) == 3:
+        return tuple(projector)  # type: ignore[return-value]
+    raise TypeError("projector must be None, an NITPProjector, or a tuple (w_gate, w_up, w_down), "
+                    f"got {type(projector).__name__}")
+
+
+def _check_labels_range(labels: Tensor, vocab: int, ignore_index: int) -> None:
+    if labels.device.type != "cpu" and os.environ.get("NITP_KERNELS_DEBUG", "0") in ("", "0"):
+        return
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
+    if bool(bad.any()):
+        example = int(labels[bad][0])
+        raise ValueError(f"labels must be in [0, {vocab}) or equal ignore_index={ignore_index}; "
+                         f"found {example} ({int(bad.sum())} bad labels)")
+
+
+def build_problem(
+    hidden: Tensor, lm_weight: Tensor, labels: Tensor, shallow: Optional[Tensor], projector: ProjectorArg,
+    options: LossOptions, *, seq_len: Optional[int], lm_bias: Optional[Tensor], with_nitp: bool,
+) -> Problem:
+    """Check shapes, dtypes and devices; flatten to (N, d). Raises ValueError/TypeError naming the argument."""
+    _check_float_tensor("hidden", hidden)
+    if hidden.dim() not in (2, 3):
+        raise ValueError(f"hidden must be (B, T, d) or (N, d), got shape {tuple(hidden.shape)}")
+    d = hidden.shape[-1]
+    n_rows = hidden.numel() // d if d else 0
+    if d == 0 or n_rows == 0:
+        raise ValueError(f"hidden must have at least one row and d >= 1, got shape {tuple(hidden.shape)}")
+    if hidden.dim() == 3:
+        if seq_len is not None and seq_len != hidden.shape[1]:
+            raise ValueError(f"seq_len={seq_len} does not match hidden.shape[1]={hidden.shape[1]}")
+        seq_len = hidden.shape[1]
+    elif seq_len is None:
+        if with_nitp:
+            raise ValueError("seq_len is required when hidden is 2-D (N, d): NITP targets stay inside a sequence")
+        seq_len = n_rows
+    if not isinstance(seq_len, int) or isinstance(seq_len, bool) or seq_len < 1 or n_rows % seq_len:
+        raise ValueError(f"seq_len must be an int >= 1 dividing the number of rows {n_rows}, got {seq_len!r}")
+    if with_nitp and options.shift >= seq_len:
+        raise ValueError(f"shift must satisfy 0 <= shift < seq_len={seq_len}, got {options.shift}")
+
+    _check_float_tensor("lm_weight", lm_weight)
+    if lm_weight.dim() != 2 or lm_weight.shape[1] != d or lm_weight.shape[0] < 1:
+        raise ValueError(f"lm_weight must be (V, d={d}), got shape {tuple(lm_weight.shape)}")
+    vocab = lm_weight.shape[0]
+    if lm_bias is not None:
+        _check_float_tensor("lm_bias", lm_bias)
+        if lm_bias.shape != (vocab,):
+            raise ValueError(f"lm_bias must be (V={vocab},), got shape {tuple(lm_bias.shape)}")
+    if not isinstance(labels, Tensor):
+        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
+    if labels.shape != hidden.shape[:-1]:
+        raise ValueError(f"labels must have shape {tuple(hidden.shape[:-1])} (hidden.shape[:-1]), "
+                         f"got {tuple(labels.shape)}")
+
+    weights = None
+    if with_nitp:
+        _check_float_tensor("shallow", shallow)
+        if shallow.shape != hidden.shape:
+            raise ValueError(f"shallow must have the shape of hidden {tuple(hidden.shape)}, got {tuple(shallow.shape)}")
+        if shallow.dtype != hidden.dtype:
+            raise TypeError(f"shallow must have hidden's dtype {hidden.dtype}, got {shallow.dtype}")
+        weights = projector_weights(projector)
+        if weights is not None:
+            w_gate, w_up, w_down = weights
+            for name, w in zip(("w_gate", "w_up", "w_down"), weights):
+                _check_float_tensor(f"projector.{name}", w)
+            width = w_gate.shape[0] if w_gate.dim() == 2 else -1
+            if (w_gate.dim() != 2 or w_gate.shape[1] != d or width < 1 or w_up.shape != (width, d)
+                    or w_down.shape != (d, width)):
+                raise ValueError(f"projector weights must be w_gate (H, {d}), w_up (H, {d}), w_down ({d}, H); got "
+                                 f"{tuple(w_gate.shape)}, {tuple(w_up.shape)}, {tuple(w_down.shape)}")
+
+    named = [("lm_weight", lm_weight), ("labels", labels), ("lm_bias", lm_bias), ("shallow", shallow)]
+    if weights is not None:
+        named += list(zip(("projector.w_gate", "projector.w_up", "projector.w_down"), weights))
+    for name, tensor in named:
+        if tensor is not None and tensor.device != hidden.device:
+            raise ValueError(f"{name} is on {tensor.device} but hidden is on {hidden.device}")
+    _check_labels_range(labels, vocab, options.ignore_index)
+
+    return Problem(
+        hidden=hidden.reshape(n_rows, d), lm_weight=lm_weight, lm_bias=lm_bias,
+        labels=labels.reshape(n_rows).long(),
+        shallow=shallow.reshape(n_rows, d) if with_nitp else None,
+        projector=weights, seq_len=seq_len, options=options, hidden_input=hidden,
+        shallow_input=shallow if with_nitp else None,
+    )

@@ -1,0 +1,84 @@
+"""The "reference" backend: plain autograd that materialises the (N, V) logits.
+
+Ground truth for every test, written from DESIGN.md's formulas and independent of the chunked backends: it
+uses F.cross_entropy for the CE term, shifts the target with a (B, T) view instead of index arithmetic, and lets
+autograd take every gradient. Never fast, never memory-frugal.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .options import Problem
+
+NORM_EPS = 1e-6
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Softmax, norms, losses and gradient sums run in promote_types(dtype, fp32)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def nitp_row_losses(pred: Tensor, target: Tensor, loss_type: str) -> Tensor:
+    """Per-row NITP loss of DESIGN.md section 3 for (..., d) predictions and targets (autograd-friendly)."""
+    if loss_type == "cosine":
+        pred_norm = torch.linalg.vector_norm(pred, dim=-1).clamp_min(NORM_EPS)
+        target_norm = torch.linalg.vector_norm(target, dim=-1).clamp_min(NORM_EPS)
+        return 1.0 - (pred * target).sum(-1) / (pred_norm * target_norm)
+    if loss_type == "mse":
+        return F.mse_loss(pred, target, reduction="none").mean(-1)
+    if loss_type == "smooth_l1":
+        return F.smooth_l1_loss(pred, target, reduction="none", beta=1.0).mean(-1)
+    if loss_type == "kl":  # KL(softmax(target) || softmax(pred)) over the feature dimension
+        return F.kl_div(F.log_softmax(pred, -1), F.log_softmax(target, -1), reduction="none",
+                        log_target=True).sum(-1)
+    raise ValueError(f"unknown loss_type {loss_type!r}")
+
+
+def reference_losses(problem: Problem) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(loss, ce, nitp, z, n_ce, n_nitp) with autograd graphs on loss; see DESIGN.md section 3."""
+    opts = problem.options
+    hidden = problem.hidden
+    mm_dtype = hidden.dtype
+    acc = accumulation_dtype(mm_dtype)
+    bias = None if problem.lm_bias is None else problem.lm_bias.to(mm_dtype)
+    logits = F.linear(hidden, problem.lm_weight.to(mm_dtype), bias).to(acc)
+    if opts.softcap is not None:
+        logits = opts.softcap * torch.tanh(logits / opts.softcap)
+
+    labels = problem.labels
+    ce_mask = labels != opts.ignore_index
+    n_ce = ce_mask.sum()
+    ce_rows = F.cross_entropy(logits, labels, ignore_index=opts.ignore_index, reduction="none",
+                              label_smoothing=opts.label_smoothing)
+    ce_sum = ce_rows.sum()
+    z_sum = torch.where(ce_mask, torch.logsumexp(logits, -1) ** 2, 0.0).sum()
+
+    zero = hidden.new_zeros((), dtype=acc)
+    nitp_sum, n_nitp = zero, torch.zeros((), dtype=torch.int64, device=hidden.device)
+    if problem.with_nitp:
+        seq, shift = problem.seq_len, opts.shift
+        d = hidden.shape[-1]
+        pred = hidden
+        if problem.projector is not None:
+            w_gate, w_up, w_down = (w.to(mm_dtype) for w in problem.projector)
+            gate = F.linear(hidden, w_gate).to(acc)
+            up = F.linear(hidden, w_up).to(acc)
+            pred = F.linear((F.silu(gate) * up).to(mm_dtype), w_down)
+        target = problem.shallow.detach() if opts.stop_gradient else problem.shallow
+        pred = pred.to(acc).view(-1, seq, d)[:, : seq - shift]
+        target = target.to(acc).view(-1, seq, d)[:, shift:]
+        mask = ce_mask.view(-1, seq)[:, : seq - shift]
+        rows = nitp_row_losses(pred, target, opts.loss_type)
+        nitp_sum = torch.where(mask, rows, 0.0).sum()
+        n_nitp = mask.sum()
+
+    if opts.reduction == "mean":
+        ce = ce_sum / n_ce.clamp_min(1)
+        z = z_sum / n_ce.clamp_min(1)
+        nitp = nitp_sum / n_nitp.clamp_min(1)
+    else:
+        ce, z, nitp = ce_sum, z_sum, nitp_sum
+    loss = ce + opts.nitp_weight * nitp + opts.z_loss_weight * z
+    return loss, ce.detach(), nitp.detach(), z.detach(), n_ce, n_nitp
