@@ -1,0 +1,319 @@
+"""Training data for the engine: packed fixed-length windows with a resumable, rank-sharded position.
+
+The engine calls one function::
+
+    bundle = build_data(cfg, rank=rank, world_size=world_size)
+    bundle.vocab_size                      # the model's vocabulary (cfg.vocab_size is set from it)
+    bundle.info                            # "data_*" keys merged into the run's config.json
+    batch = bundle.train.next_batch()      # input_ids, labels (and doc_ids with cfg.doc_mask)
+    sd = bundle.train.state_dict()         # plain ints: JSON-able position; load_state_dict(sd) resumes
+    for batch in bundle.val.batches(n): ...  # deterministic validation windows (bundle.val may be None)
+
+Every source becomes a `TokenStream`: documents concatenated, each followed by an end-of-document
+(EOD) token, plus the index of where each document starts. Windows of seq_len + 1 tokens start
+at multiples of seq_len, so inputs are window[:-1], labels are window[1:] and every token of the
+stream is a label exactly once per epoch.
+
+Document masking (cfg.doc_mask): the EOD token belongs to the document it ends, so predicting
+EOD from a document's last token stays a training target (the model learns where documents end),
+while the label at the EOD position -- the first token of the *next* document -- is ignore_index.
+doc_ids number the documents inside each row from 0; `doc_attention_mask` turns them into the
+block-diagonal causal mask for scaled_dot_product_attention, `doc_cu_seqlens` into flash-attn's
+variable-length form.
+
+Sources (cfg.data): "synthetic" is generated here (learnable bigram structure, for tests);
+everything else ("stdlib", local files, Hugging Face names) is prepared once into memory-mapped
+token files by `engine.corpus`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+IGNORE_INDEX = -100
+log = logging.getLogger("engine.data")
+
+# The validation split is fixed by this seed, not cfg.seed, so runs with different seeds are
+# evaluated on the same documents and share one prepared cache.
+SPLIT_SEED = 0x5EED
+SYNTHETIC_SEED = 1234
+SYNTHETIC_TOKENS = 1 << 20
+
+
+class DataError(SystemExit):
+    """A problem with the user's data (missing path, corpus too small, ...).
+
+    A SystemExit, so the run stops with the message alone and no traceback.
+    """
+
+
+@dataclass(frozen=True)
+class TokenStream:
+    """Documents back to back, each ending with the EOD token.
+
+    tokens: 1-D unsigned ints (in memory or a numpy memmap).
+    doc_starts: int64, length n_docs + 1; document d is tokens[doc_starts[d]:doc_starts[d + 1]]
+    (its EOD included) and doc_starts[-1] == len(tokens).
+    """
+
+    tokens: np.ndarray
+    doc_starts: np.ndarray
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.tokens.shape[0])
+
+    @property
+    def n_docs(self) -> int:
+        return int(self.doc_starts.shape[0] - 1)
+
+
+def token_dtype(vocab_size: int) -> type:
+    """uint16 when every id (< vocab_size) fits in it, else uint32."""
+    return np.uint16 if vocab_size <= np.iinfo(np.uint16).max + 1 else np.uint32
+
+
+def split_documents(n_docs: int, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """Held-out validation documents: a fixed-seed random subset, at least one document when
+    val_fraction > 0 and there are two or more. Returns sorted (train_ids, val_ids)."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
+    n_val = min(math.ceil(val_fraction * n_docs), n_docs - 1) if val_fraction > 0 else 0
+    order = np.random.default_rng(SPLIT_SEED).permutation(n_docs)
+    return np.sort(order[n_val:]), np.sort(order[:n_val])
+
+
+def make_batch(stream: TokenStream, starts: np.ndarray, seq_len: int, doc_mask: bool,
+               pad_id: int) -> dict[str, torch.Tensor]:
+    """Rows of seq_len inputs and shifted labels for windows starting at `starts`.
+
+    Positions past the end of the stream (the tail of validation) are padded with pad_id and
+    labelled ignore_index; with doc_mask their doc_id is a fresh one, so they join no document.
+    """
+    idx = np.asarray(starts, dtype=np.int64)[:, None] + np.arange(seq_len + 1, dtype=np.int64)
+    n = stream.n_tokens
+    inside = idx < n
+    toks = np.where(inside, stream.tokens[np.minimum(idx, n - 1)].astype(np.int64), pad_id)
+    labels = toks[:, 1:].copy()
+    labels[~inside[:, 1:]] = IGNORE_INDEX
+    batch = {"input_ids": torch.from_numpy(np.ascontiguousarray(toks[:, :-1]))}
+    if doc_mask:
+        doc = np.searchsorted(stream.doc_starts, idx, side="right") - 1
+        labels[doc[:, 1:] != doc[:, :-1]] = IGNORE_INDEX
+        batch["doc_ids"] = torch.from_numpy((doc[:, :-1] - doc[:, :1]).astype(np.int32))
+    batch["labels"] = torch.from_numpy(labels)
+    return batch
+
+
+def doc_attention_mask(doc_ids: torch.Tensor) -> torch.Tensor:
+    """(B, T) document ids -> (B, T, T) bool, True where query t may attend to key s:
+    s <= t and both in the same document (scaled_dot_product_attention's boolean convention;
+    unsqueeze(1) to broadcast over heads)."""
+    if not isinstance(doc_ids, torch.Tensor) or doc_ids.dim() != 2:
+        raise TypeError(f"doc_ids must be a (B, T) tensor, got {type(doc_ids).__name__} "
+                        f"{tuple(getattr(doc_ids, 'shape', ()))}")
+    t = doc_ids.shape[1]
+    causal = torch.ones(t, t, dtype=torch.bool, device=doc_ids.device).tril()
+    return causal & (doc_ids[:, :, None] == doc_ids[:, None, :])
+
+
+def doc_cu_seqlens(doc_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(B, T) document ids -> (cu_seqlens int32, max_seqlen) for flash-attn's variable-length
+    path over the flattened (B*T) tokens; a row boundary always starts a new segment."""
+    if not isinstance(doc_ids, torch.Tensor) or doc_ids.dim() != 2:
+        raise TypeError("doc_ids must be a (B, T) tensor")
+    b, t = doc_ids.shape
+    new = torch.ones_like(doc_ids, dtype=torch.bool)
+    new[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    starts = torch.nonzero(new.reshape(-1)).squeeze(1)
+    cu = torch.cat([starts, starts.new_tensor([b * t])]).to(torch.int32)
+    return cu, int((cu[1:] - cu[:-1]).max())
+
+
+class PackedLoader:
+    """Training windows in a seeded random order, epoch after epoch, sharded over ranks.
+
+    The global order is the concatenation of one permutation of all windows per epoch (seeded
+    by (seed, epoch)). Each step consumes world_size * micro_batch_size consecutive positions;
+    rank r takes the r-th block of micro_batch_size. The position (`cursor`) is global, so a
+    resumed run continues exactly, also with another world size.
+    """
+
+    def __init__(self, stream: TokenStream, seq_len: int, micro_batch_size: int, seed: int,
+                 rank: int, world_size: int, doc_mask: bool, pad_id: int):
+        self.stream, self.seq_len, self.micro_batch_size = stream, seq_len, micro_batch_size
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.doc_mask, self.pad_id = doc_mask, pad_id
+        self.n_windows = (stream.n_tokens - 1) // seq_len
+        self.cursor = 0
+        self._perms: dict[int, np.ndarray] = {}
+
+    @property
+    def epoch(self) -> int:
+        return self.cursor // self.n_windows
+
+    def _perm(self, epoch: int) -> np.ndarray:
+        if epoch not in self._perms:
+            if len(self._perms) >= 2:
+                self._perms.pop(min(self._perms))
+            self._perms[epoch] = np.random.default_rng([self.seed, epoch]).permutation(self.n_windows)
+        return self._perms[epoch]
+
+    def window_ids(self) -> np.ndarray:
+        """Window indices of this rank's next batch (without advancing)."""
+        pos = self.cursor + self.rank * self.micro_batch_size + np.arange(self.micro_batch_size)
+        return np.array([self._perm(int(p // self.n_windows))[p % self.n_windows] for p in pos])
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        starts = self.window_ids() * self.seq_len
+        self.cursor += self.world_size * self.micro_batch_size
+        return make_batch(self.stream, starts, self.seq_len, self.doc_mask, self.pad_id)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"cursor": self.cursor, "seed": self.seed, "n_windows": self.n_windows,
+                "seq_len": self.seq_len}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not isinstance(state, dict) or "cursor" not in state:
+            raise TypeError(f"state must be a dict from PackedLoader.state_dict(), got {state!r}")
+        for key in ("seed", "n_windows", "seq_len"):
+            if key in state and int(state[key]) != getattr(self, key):
+                raise ValueError(f"loader state was saved with {key}={state[key]}, but this data has "
+                                 f"{key}={getattr(self, key)}: the position would not resume exactly")
+        if int(state["cursor"]) < 0:
+            raise ValueError(f"loader state cursor must be >= 0, got {state['cursor']}")
+        self.cursor = int(state["cursor"])
+
+
+class ValidationSet:
+    """Validation windows in stream order; the same batches on every call.
+
+    Rank r takes the r-th micro-batch of each group of world_size; every rank yields the same
+    number of batches (rows past the end are all ignore_index), so per-batch collectives match.
+    """
+
+    def __init__(self, stream: TokenStream, seq_len: int, micro_batch_size: int, rank: int,
+                 world_size: int, doc_mask: bool, pad_id: int):
+        self.stream, self.seq_len, self.micro_batch_size = stream, seq_len, micro_batch_size
+        self.rank, self.world_size, self.doc_mask, self.pad_id = rank, world_size, doc_mask, pad_id
+        self.n_windows = math.ceil((stream.n_tokens - 1) / seq_len)
+
+    def num_batches(self, max_batches: int | None = None) -> int:
+        n = math.ceil(self.n_windows / (self.world_size * self.micro_batch_size))
+        return n if max_batches is None else min(n, max_batches)
+
+    def batches(self, max_batches: int | None = None) -> Iterator[dict[str, torch.Tensor]]:
+        if max_batches is not None and (not isinstance(max_batches, int) or max_batches < 1):
+            raise ValueError(f"max_batches must be a positive int or None, got {max_batches!r}")
+        group = self.world_size * self.micro_batch_size
+        for b in range(self.num_batches(max_batches)):
+            w = b * group + self.rank * self.micro_batch_size + np.arange(self.micro_batch_size)
+            starts = np.where(w < self.n_windows, w * self.seq_len, self.stream.n_tokens)
+            yield make_batch(self.stream, starts, self.seq_len, self.doc_mask, self.pad_id)
+
+
+@dataclass
+class DataBundle:
+    """What build_data returns; see the module docstring."""
+
+    vocab_size: int
+    eod_id: int
+    info: dict[str, Any]
+    train: PackedLoader
+    val: ValidationSet | None
+
+
+def synthetic_stream(vocab_size: int, n_tokens: int = SYNTHETIC_TOKENS,
+                     seed: int = SYNTHETIC_SEED) -> TokenStream:
+    """Documents from a fixed random bigram chain: every token has 4 successors with
+    probabilities 0.55/0.25/0.15/0.05, so the best cross-entropy is ~1.16 nats against
+    ln(vocab_size) at initialisation. EOD is token 0; documents are 16-256 tokens long."""
+    if not isinstance(vocab_size, int) or vocab_size < 8:
+        raise ValueError(f"vocab_size must be an int >= 8 for synthetic data, got {vocab_size!r}")
+    rng = np.random.default_rng(seed)
+    succ = rng.integers(1, vocab_size, size=(vocab_size, 4))
+    lengths = rng.integers(16, 257, size=n_tokens // 136 + 1)
+    lengths = lengths[: np.searchsorted(np.cumsum(lengths + 1), n_tokens) + 1]
+    choice = rng.choice(4, size=(len(lengths), 257), p=[0.55, 0.25, 0.15, 0.05])
+    chains = np.zeros((len(lengths), 257), dtype=np.int64)
+    chains[:, 0] = rng.integers(1, vocab_size, size=len(lengths))
+    for t in range(1, 257):  # sequential in t, vectorised over documents
+        chains[:, t] = succ[chains[:, t - 1], choice[:, t]]
+    chains[np.arange(len(lengths)), lengths] = 0  # EOD right after each document
+    keep = np.arange(257)[None, :] <= lengths[:, None]
+    doc_starts = np.concatenate([[0], np.cumsum(lengths + 1)]).astype(np.int64)
+    return TokenStream(chains[keep].astype(token_dtype(vocab_size)), doc_starts)
+
+
+def select_documents(stream: TokenStream, doc_ids: np.ndarray) -> TokenStream:
+    """A new in-memory stream holding only the given documents, in the given order."""
+    pieces = [stream.tokens[stream.doc_starts[d]:stream.doc_starts[d + 1]] for d in doc_ids]
+    lengths = np.diff(stream.doc_starts)[doc_ids]
+    tokens = np.concatenate(pieces) if pieces else stream.tokens[:0]
+    return TokenStream(np.asarray(tokens), np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
+
+
+def _synthetic(cfg: Any) -> tuple[TokenStream, TokenStream | None, int, int, dict[str, Any]]:
+    n_tokens = int(getattr(cfg, "synthetic_tokens", SYNTHETIC_TOKENS))
+    full = synthetic_stream(cfg.vocab_size, n_tokens)
+    train_ids, val_ids = split_documents(full.n_docs, _val_fraction(cfg))
+    train, val = select_documents(full, train_ids), select_documents(full, val_ids)
+    digest = hashlib.sha256(f"synthetic-v1:{cfg.vocab_size}:{n_tokens}:{SYNTHETIC_SEED}".encode())
+    info = {"data_source": "synthetic", "data_corpus_hash": digest.hexdigest(), "data_n_files": 0,
+            "data_n_docs_train": train.n_docs, "data_n_docs_val": val.n_docs,
+            "data_n_tokens_train": train.n_tokens, "data_n_tokens_val": val.n_tokens,
+            "data_tokenizer": None, "data_tokenizer_hash": None, "data_eod_id": 0}
+    return train, (val if val.n_docs else None), cfg.vocab_size, 0, info
+
+
+def _val_fraction(cfg: Any) -> float:
+    return float(getattr(cfg, "val_fraction", 0.01))
+
+
+def _check_args(cfg: Any, rank: int, world_size: int) -> None:
+    for name in ("seq_len", "micro_batch_size"):
+        value = getattr(cfg, name, None)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"cfg.{name} must be a positive int, got {value!r}")
+    if not isinstance(getattr(cfg, "seed", None), int):
+        raise TypeError(f"cfg.seed must be an int, got {getattr(cfg, 'seed', None)!r}")
+    if not isinstance(getattr(cfg, "data", None), str) or not cfg.data:
+        raise TypeError(f"cfg.data must be a non-empty str, got {getattr(cfg, 'data', None)!r}")
+    if not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world_size must be a positive int, got {world_size!r}")
+    if not isinstance(rank, int) or not 0 <= rank < world_size:
+        raise ValueError(f"rank must be an int in [0, world_size={world_size}), got {rank!r}")
+    split_documents(0, _val_fraction(cfg))  # validates val_fraction
+
+
+def build_data(cfg: Any, rank: int = 0, world_size: int = 1) -> DataBundle:
+    """Open (preparing once if needed) cfg.data and return this rank's loaders."""
+    _check_args(cfg, rank, world_size)
+    if cfg.data == "synthetic":
+        train, val, vocab_size, eod_id, info = _synthetic(cfg)
+    else:
+        from engine.corpus import open_prepared  # tokenizers/datasets only when real data is used
+        train, val, vocab_size, eod_id, info = open_prepared(cfg, rank, world_size)
+    need = world_size * cfg.micro_batch_size * cfg.seq_len + 1
+    if train.n_tokens < need:
+        raise DataError(
+            f"--data {cfg.data!r}: the training split has {train.n_tokens} tokens, but one batch needs "
+            f"{need} (world_size {world_size} x micro_batch_size {cfg.micro_batch_size} x seq_len "
+            f"{cfg.seq_len} + 1). Use more data or a smaller seq_len / micro_batch_size.")
+    doc_mask = bool(getattr(cfg, "doc_mask", False))
+    loader = PackedLoader(train, cfg.seq_len, cfg.micro_batch_size, cfg.seed, rank, world_size,
+                          doc_mask, eod_id)
+    val_set = None
+    if val is not None and val.n_tokens >= 2:
+        val_set = ValidationSet(val, cfg.seq_len, cfg.micro_batch_size, rank, world_size, doc_mask,
+                                eod_id)
+    info = {**info, "data_n_windows_train": loader.n_windows,
+            "data_n_windows_val": val_set.n_windows if val_set else 0, "data_doc_mask": doc_mask}
+    return DataBundle(vocab_size=vocab_size, eod_id=eod_id, info=info, train=loader, val=val_set)
