@@ -43,10 +43,12 @@ class TritonChunkOps:
 
     def swiglu_forward(self, gate_up: Tensor) -> Tensor:
         """g = silu(a) * b for gate_up = [a | b] of shape (n, 2H); computed in fp32, returned in gate_up's dtype."""
-        return _swiglu_forward(gate_up)
+        return _swiglu_forward(gate_up if gate_up.stride(1) == 1 else gate_up.contiguous())
 
     def swiglu_backward(self, d_g: Tensor, gate_up: Tensor) -> Tensor:
         """[d_a | d_b] with d_a = d_g·b·silu'(a), d_b = d_g·silu(a), written over gate_up (its dtype)."""
+        if gate_up.stride(1) != 1:
+            gate_up = gate_up.contiguous()
         return _swiglu_backward(d_g, gate_up)
 
     def nitp_loss(
@@ -61,5 +63,5 @@ class TritonChunkOps:
         acc = accumulation_dtype(pred.dtype)
         loss_rows, d_pred, d_target = nitp_rows(
             pred, target, valid, loss_type=loss_type, scale=scale, need_grad=need_grad,
-            need_target_grad=need_target_grad)
+            need_target_grad=need_grad and need_target_grad)
         return loss_rows.sum(dtype=acc), d_pred, d_target
