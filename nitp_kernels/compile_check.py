@@ -108,8 +108,9 @@ def main(argv: list[str] | None = None) -> int:
                     print(("FAIL " if problems else "ok   ") + line + ("; " + "; ".join(problems) if problems else ""),
                           flush=True)
     archs = ", ".join(f"sm_{arch}" for arch in args.arch)
-    print(f"compile_check: {compiled} kernels/configs compiled for {archs}; spills: {spills}"
-          f" ({time.perf_counter() - started:.1f} s)")
+    print(f"compile_check: {len(specs) * len(args.arch)} compiles in {time.perf_counter() - started:.1f} s, "
+          f"{failures} failed")
+    print(f"compile_check: {compiled} kernels/configs compiled for {archs}; spills: {spills}")
     return 1 if failures else 0
 
 
