@@ -1,0 +1,30 @@
+"""NITP pre-training entry point.
+
+    python engine/train.py --preset tiny --out runs/demo            # one process (CPU or GPU)
+    python -m engine.train --preset tiny --objective ntp
+    torchrun --nproc_per_node=8 engine/train.py --preset dense-0.5b  # FSDP2 over 8 GPUs
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 \
+        engine/train.py --preset moe-9b-a1b                          # many nodes
+
+Every config field is a flag (``--field-name value``); see engine/config.py.
+"""
+
+import os
+import sys
+
+if __package__ in (None, ""):  # run as a script: make the repository root importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from engine.config import parse_cli  # noqa: E402
+from engine.parallel import env_world_size  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_cli(argv, world_size=env_world_size())
+    from engine.trainer import run  # heavy imports only after the flags are known to be valid
+
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,225 @@
+"""The training loop: build a TrainState, then run one optimizer step at a time.
+
+Loss normalisation (exact under gradient accumulation and data parallelism). Each forward
+returns *sums* over its valid positions. Before the forwards of a step, every rank counts the
+valid positions of all its micro-batches from the labels and the counts are all-reduced:
+N_ce (labels != -100), N_nitp (also t + shift < T, the op's rule) and N_seq (sequences). The
+fused op computes loss = ce_sum + w·nitp_sum with its nitp_weight w; we pass
+w = λ·N_ce/N_nitp and divide by N_ce, so the step minimises
+
+    ce_sum/N_ce + λ·nitp_sum/N_nitp      (cosreg: + λ·Σ_seq penalty/N_seq)
+
+over the whole global batch, whatever its split into ranks and micro-batches. (The op's
+ce_loss / nitp_loss outputs are detached, so the weighting has to go through its arguments.)
+FSDP2 averages gradients over ranks, so the backward loss is also multiplied by world_size.
+The MoE load-balancing loss is a per-micro-batch mean, averaged over micro-batches and ranks.
+
+Extension points: TrainState holds everything a checkpoint needs (model, optimizer, scheduler,
+data loader position, step); ``train_step`` is the body of one optimizer step; ``run`` is the
+outer loop (logging, evaluation).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+
+from engine.config import TrainConfig, gradient_accumulation_steps, validate
+from engine.data import IGNORE_INDEX, DataBundle, build_data
+from engine.flops import training_flops_per_token
+from engine.metrics import RunLogger, peak_flops_per_device, peak_memory_bytes
+from engine.model import NITPTransformer
+from engine.optim import build_optimizer, build_scheduler
+from engine.parallel import DistInfo, close_distributed, init_distributed, parallelize
+
+
+@dataclass
+class TrainState:
+    """Everything that evolves during training (and what a checkpoint must save)."""
+
+    cfg: TrainConfig
+    dist: DistInfo
+    model: NITPTransformer
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    data: DataBundle
+    step: int = 0                       # optimizer steps completed
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def build_state(cfg: TrainConfig) -> TrainState:
+    """Join the process group, open the data, build and shard the model, make the optimizer."""
+    info = init_distributed(cfg)
+    try:
+        validate(cfg, info.world_size)
+        data = build_data(cfg, rank=info.rank, world_size=info.world_size)
+        if data.vocab_size != cfg.vocab_size:
+            cfg = dataclasses.replace(cfg, vocab_size=data.vocab_size)
+            validate(cfg, info.world_size)
+        torch.manual_seed(cfg.seed)  # same initial weights on every rank, for any world size
+        with torch.device(info.device):
+            model = NITPTransformer(cfg)
+        parallelize(model, cfg, info)
+        optimizer = build_optimizer(model, cfg)
+        return TrainState(cfg, info, model, optimizer, build_scheduler(optimizer, cfg), data)
+    except BaseException:
+        close_distributed(info)
+        raise
+
+
+def nitp_active(cfg: TrainConfig, step: int) -> bool:
+    return cfg.objective == "nitp" and step >= cfg.nitp_start_step
+
+
+def count_positions(batches: list[dict[str, torch.Tensor]], cfg: TrainConfig,
+                    device: torch.device) -> torch.Tensor:
+    """Global (N_ce, N_nitp, N_seq) over all micro-batches of all ranks, as an int64 tensor."""
+    counts = torch.zeros(3, dtype=torch.int64)
+    for b in batches:
+        valid = b["labels"] != IGNORE_INDEX
+        T = valid.shape[1]
+        counts[0] += valid.sum()
+        counts[1] += valid[:, : max(T - cfg.nitp_shift, 0)].sum()
+        counts[2] += valid.shape[0]
+    counts = counts.to(device)
+    dist.all_reduce(counts)
+    return counts.cpu()
+
+
+def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def _full(x: torch.Tensor) -> torch.Tensor:
+    return x.full_tensor() if isinstance(x, DTensor) else x
+
+
+def train_step(state: TrainState, batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+    """One optimizer step over this rank's micro-batches; returns the step's global metrics."""
+    cfg, model, info = state.cfg, state.model, state.dist
+    counts = count_positions(batches, cfg, info.device)
+    n_ce, n_nitp, n_seq = (int(c) for c in counts)
+    mode = "nitp" if nitp_active(cfg, state.step) else ("ntp" if cfg.objective == "nitp" else cfg.objective)
+    lam = cfg.nitp_weight if mode in ("nitp", "cosreg") else 0.0
+    if mode == "nitp":
+        aux_weight = lam * n_ce / n_nitp if n_nitp > 0 else 0.0
+        aux_count = n_nitp
+    elif mode == "cosreg":
+        aux_weight, aux_count = lam * n_ce / n_seq, n_seq
+    else:
+        aux_weight, aux_count = 0.0, 1
+    scale = info.world_size / max(n_ce, 1)
+    moe_scale = cfg.moe_aux_weight / len(batches) if cfg.is_moe else 0.0
+
+    sums = torch.zeros(4, dtype=torch.float64, device=info.device)  # loss, ce, aux, moe balance
+    for batch in batches:
+        b = _to_device(batch, info.device)
+        out, balance = model(b["input_ids"], b["labels"], b.get("doc_ids"), aux_weight=aux_weight, mode=mode)
+        loss = out.loss * scale
+        if moe_scale:
+            loss = loss + balance * moe_scale
+        loss.backward()
+        sums += torch.stack([out.loss.detach(), out.ce_sum, out.aux_sum, balance.detach()]).double()
+
+    params = [p for p in model.parameters() if p.grad is not None]
+    max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+    grad_norm = _full(torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True))
+    lr = state.optimizer.param_groups[0]["lr"]
+    state.optimizer.step()
+    state.optimizer.zero_grad(set_to_none=True)
+    state.scheduler.step()
+    state.step += 1
+
+    dist.all_reduce(sums)
+    loss_sum, ce_sum, aux_sum, balance_sum = sums.tolist()
+    moe_balance = balance_sum / (len(batches) * info.world_size)
+    metrics = {
+        "loss": loss_sum / max(n_ce, 1) + (cfg.moe_aux_weight * moe_balance if cfg.is_moe else 0.0),
+        "ce_loss": ce_sum / max(n_ce, 1),
+        "nitp_loss": aux_sum / aux_count if mode == "nitp" else 0.0,
+        "nitp_weight": lam,
+        "lr": lr,
+        "grad_norm": float(grad_norm),
+        "n_ce": n_ce,
+        "n_nitp": n_nitp if mode == "nitp" else 0,
+    }
+    if mode == "cosreg":
+        metrics["cosreg_penalty"] = aux_sum / aux_count
+    if cfg.is_moe:
+        metrics["moe_balance_loss"] = moe_balance
+    return metrics
+
+
+@torch.no_grad()
+def evaluate(state: TrainState) -> float | None:
+    """Cross-entropy over cfg.eval_batches validation batches (no gradient buffers are built)."""
+    val = state.data.val
+    if val is None:
+        return None
+    sums = torch.zeros(2, dtype=torch.float64, device=state.dist.device)
+    for batch in val.batches(state.cfg.eval_batches):
+        b = _to_device(batch, state.dist.device)
+        out, _ = state.model(b["input_ids"], b["labels"], b.get("doc_ids"), mode="ntp")
+        sums[0] += out.ce_sum.double()
+        sums[1] += (b["labels"] != IGNORE_INDEX).sum()
+    dist.all_reduce(sums)
+    return float(sums[0] / sums[1]) if sums[1] > 0 else None
+
+
+def next_batches(state: TrainState) -> list[dict[str, torch.Tensor]]:
+    """This rank's micro-batches of the next optimizer step."""
+    accum = gradient_accumulation_steps(state.cfg, state.dist.world_size)
+    return [state.data.train.next_batch() for _ in range(accum)]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run(cfg: TrainConfig) -> dict[str, Any]:
+    """Train cfg.steps steps, writing config.json and metrics.jsonl to cfg.out; returns the last record."""
+    state = build_state(cfg)
+    cfg, info = state.cfg, state.dist
+    logger = RunLogger(cfg.out, cfg.steps, enabled=info.is_main, start_step=state.step)
+    try:
+        logger.write_config({**cfg.to_dict(), **state.data.info, "world_size": info.world_size,
+                             "n_params": state.model.num_params(),
+                             "n_params_backbone": state.model.num_params(include_projector=False)})
+        flops_per_token = training_flops_per_token(cfg)
+        peak = peak_flops_per_device(cfg.peak_tflops, info.device)
+        tokens_per_step = cfg.batch_size * cfg.seq_len
+        record: dict[str, Any] = {}
+        _sync(info.device)
+        t_last, steps_since = time.perf_counter(), 0
+        while state.step < cfg.steps:
+            metrics = train_step(state, next_batches(state))
+            steps_since += 1
+            logger.advance()
+            step = state.step
+            do_eval = cfg.eval_every > 0 and (step % cfg.eval_every == 0 or step == cfg.steps)
+            if step % cfg.log_every == 0 or step == cfg.steps or step == 1 or do_eval:
+                _sync(info.device)
+                elapsed = time.perf_counter() - t_last
+                tokens_per_s = steps_since * tokens_per_step / elapsed
+                record = {"step": step, **metrics, "tokens_per_s": tokens_per_s,
+                          "mfu": flops_per_token * tokens_per_s / (peak * info.world_size) if peak else None,
+                          "peak_mem_bytes": peak_memory_bytes(info.device),
+                          "tokens_seen": step * tokens_per_step}
+                if do_eval:
+                    record["val_ce"] = evaluate(state)
+                logger.log(record)
+                _sync(info.device)
+                t_last, steps_since = time.perf_counter(), 0
+    finally:
+        logger.close()
+        close_distributed(info)
+    if info.is_main:
+        print(f"metrics: {logger.metrics_path}\nconfig:  {logger.config_path}", flush=True)
+    return record
