@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from engine.data import (IGNORE_INDEX, DataError, TokenStream, build_data, doc_attention_mask,
-                         doc_cu_seqlens, make_batch, split_documents, synthetic_stream)
+                         doc_cu_seqlens, make_batch, split_documents, synthetic_stream,
+                         token_dtype)
 
 
 def synth_cfg(**kw):
@@ -196,3 +197,11 @@ def test_bad_arguments_and_too_small_corpus():
     with pytest.raises(DataError, match=r"has \d+ tokens, but one batch needs 24577") as err:
         build_data(synth_cfg(seq_len=4096, micro_batch_size=3, world_size=2), world_size=2)
     assert isinstance(err.value, SystemExit)
+
+
+def test_token_dtype_fits_every_id():
+    assert token_dtype(8192) == np.uint16 and token_dtype(65536) == np.uint16
+    assert token_dtype(65537) == np.uint32 and token_dtype(152064) == np.uint32
+    big = build_data(synth_cfg(vocab_size=70000))
+    assert big.train.stream.tokens.dtype == np.uint32 and big.vocab_size == 70000
+    assert int(big.train.next_batch()["input_ids"].max()) < 70000

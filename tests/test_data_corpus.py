@@ -112,9 +112,11 @@ def test_jsonl_with_text_field_and_bad_records(tmp_path):
     rows += [{"content": "", "id": 5}, {"content": None, "id": 6}, {"content": "   ", "id": 7}]
     (d / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (d / "broken.jsonl").write_text('{"content": "fine"}\n{not json at all\n')
+    (d / "latin1.jsonl").write_bytes('{"content": "caf\xe9"}\n'.encode("latin-1"))
     bundle = build_data(cfg_for(d, tmp_path, text_field="content", val_fraction=0.0))
     info = bundle.info
     assert info["data_skipped_empty_docs"] == 3 and info["data_skipped_unreadable_files"] == 1
+    assert info["data_skipped_non_utf8_files"] == 1 and info["data_n_files"] == 3
     assert sorted(decoded_docs(bundle)) == sorted(r["content"] for r in rows[:5])
     assert bundle.val is None and info["data_text_field"] == "content"
     with pytest.raises(DataError, match=r"--text-field 'body'.*columns: content, id"):
@@ -171,16 +173,11 @@ def test_hugging_face_name_goes_through_load_dataset(tmp_path, monkeypatch):
         build_data(cfg_for("someone/other", tmp_path))
 
 
-def test_missing_path_exits_cleanly_without_traceback(tmp_path):
+def test_missing_path_fails_naming_it(tmp_path):
+    # the same without a traceback, in real processes: the two-rank test below
     missing = tmp_path / "no_such_corpus"
     with pytest.raises(DataError, match=f"--data {missing}: no such file or directory"):
         build_data(cfg_for(missing, tmp_path))
-    code = ("import types; from engine.data import build_data; build_data(types.SimpleNamespace("
-            f"data={str(missing)!r}, vocab_size=300, seq_len=8, micro_batch_size=2, seed=0))")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                          timeout=120)
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    assert str(missing) in proc.stderr
 
 
 def test_too_small_and_empty_corpora(tmp_path):
@@ -194,3 +191,43 @@ def test_too_small_and_empty_corpora(tmp_path):
     (tmp_path / "x.csv").write_text("a,b")
     with pytest.raises(DataError, match="unsupported file type"):
         build_data(cfg_for(tmp_path / "x.csv", tmp_path))
+
+
+WORKER = """
+import json, sys, types
+import torch.distributed as dist
+from engine.data import build_data
+rank, store, data, missing, cache = int(sys.argv[1]), *sys.argv[2:]
+dist.init_process_group("gloo", init_method="file://" + store, rank=rank, world_size=2)
+cfg = types.SimpleNamespace(data=data, vocab_size=300, seq_len=8, micro_batch_size=2, seed=0,
+                            val_fraction=0.25, data_cache_dir=cache)
+try:
+    b = build_data(cfg, rank=rank, world_size=2)
+    print(json.dumps({"hit": b.info["data_prep_cache_hit"], "windows": b.train.window_ids().tolist(),
+                      "n_tokens": b.train.stream.n_tokens}), flush=True)
+    cfg.data = missing
+    build_data(cfg, rank=rank, world_size=2)  # exits with the message, every rank
+finally:
+    dist.destroy_process_group()
+"""
+
+
+def test_two_ranks_rank0_prepares_others_wait_and_errors_exit_cleanly(txt_corpus, tmp_path):
+    """Two gloo processes: rank 0 prepares, rank 1 waits and opens the same files; then a
+    missing path stops both ranks with the message, no traceback, no hang."""
+    d, _ = txt_corpus
+    missing = tmp_path / "missing_corpus"
+    procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(r), str(tmp_path / "store"),
+                               str(d), str(missing), str(tmp_path / "cache")], cwd=ROOT,
+                              text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for r in range(2)]
+    out = [(*p.communicate(timeout=180), p.returncode) for p in procs]
+    assert [rc for _, _, rc in out] == [1, 1], out
+    r0, r1 = (json.loads(o.strip().splitlines()[-1]) for o, _, _ in out)
+    # one preparation, made by rank 0 and received by rank 1 (which never found a cache itself)
+    assert r0["hit"] is False and r1["hit"] is False and r0["n_tokens"] == r1["n_tokens"]
+    assert len(list((tmp_path / "cache" / "prepared").iterdir())) == 1
+    assert not set(r0["windows"]) & set(r1["windows"])
+    assert f"--data {missing}: no such file or directory" in out[0][1]
+    assert "rank 0 could not prepare the data" in out[1][1] and str(missing) in out[1][1]
+    assert "Traceback" not in out[0][1] + out[1][1]
