@@ -91,11 +91,12 @@ def test_cross_entropy_large_logits_and_all_ignored():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("n_rows,width", [(1, 5), (6, 1030)])  # 1030: two 1024-lane blocks, the 2nd ragged
-def test_swiglu_kernels(dtype, n_rows, width):
+@pytest.mark.parametrize("n_rows,width,fp32_d_g", [(1, 5, False), (6, 1030, False), (6, 1030, True)])
+def test_swiglu_kernels(dtype, n_rows, width, fp32_d_g):
+    """1030: two 1024-lane blocks, the 2nd ragged. fp32_d_g: the chunk loop's fp32-accumulated d_g is read as is."""
     gen = torch.Generator().manual_seed(width)
     gate_up = (2 * torch.randn(n_rows, 2 * width, generator=gen)).to(dtype)
-    d_g = torch.randn(n_rows, width, generator=gen).to(dtype)
+    d_g = torch.randn(n_rows, width, generator=gen).to(torch.float32 if fp32_d_g else dtype)
     a, b = gate_up.double().chunk(2, dim=-1)
     a.requires_grad_()
     b.requires_grad_()
@@ -177,6 +178,8 @@ def test_kernels_refuse_fp64_and_bad_arguments():
                          scale=torch.tensor(1.0), need_grad=False, need_target_grad=False)
     with pytest.raises(ValueError, match="gate_up"):
         swiglu_forward(torch.zeros(2, 5))
+    with pytest.raises(TypeError, match="d_g"):
+        swiglu_backward(torch.zeros(2, 3, dtype=torch.float16), torch.zeros(2, 6, dtype=torch.bfloat16))
     with pytest.raises(ValueError, match="labels"):
         cross_entropy_rows(torch.zeros(2, 4), torch.zeros(3, dtype=torch.long), ignore_index=-100,
                            label_smoothing=0.0, softcap=None, z_loss_weight=0.0, ce_scale=torch.tensor(1.0),
@@ -190,5 +193,5 @@ def test_compile_specs_cover_every_launcher_config():
         block, warps = cross_entropy._ce_config(vocab)
         for name in ("fp32", "bf16", "fp16"):
             assert f"cross_entropy[{name},BLOCK_V={block},warps={warps}]" in ce_labels
-    assert len(swiglu.compile_specs()) == 6
+    assert len(swiglu.compile_specs()) == 3 + 5  # forward per dtype; backward per (d_g, gate_up) dtype pair
     assert len(nitp_rows.compile_specs()) == 3 * len(nitp_rows.LOSS_CODES)

@@ -4,12 +4,15 @@ Both kernels read gate_up = [a | b] (n, 2H), the output of one (2H x d) GEMM h @
 gate and up halves sit in the same row at columns j and H + j.
 
 `_swiglu_fwd_kernel`  inputs gate_up (n, 2H); output g (n, H) in gate_up's dtype.
-`_swiglu_bwd_kernel`  inputs d_g (n, H), gate_up (n, 2H); output [d_a | d_b] written in place of gate_up:
+`_swiglu_bwd_kernel`  inputs d_g (n, H) in gate_up's dtype or fp32 (the chunk loop hands over the down-projection's
+                      fp32-accumulated product, which is not rounded before use), gate_up (n, 2H);
+                      output [d_a | d_b] written in place of gate_up:
                       d_a = d_g * b * sig(a) * (1 + a * (1 - sig(a))),  d_b = d_g * silu(a).
                       Every element is read by the program that overwrites it, before it overwrites it.
 numerics  loads widened to fp32, all arithmetic in fp32 registers, one rounding to the storage dtype.
 tiling    grid (n, cdiv(H, BLOCK_H)), one row-block of BLOCK_H = 1024 lanes per program, 4 warps; a single
-          config, because the work is a pure bandwidth-bound elementwise pass. Row offsets are int64.
+          config per dtype combination, because the work is a pure bandwidth-bound elementwise pass.
+          Row offsets are int64.
 """
 from __future__ import annotations
 
@@ -73,11 +76,13 @@ def swiglu_forward(gate_up: Tensor) -> Tensor:
 
 
 def swiglu_backward(d_g: Tensor, gate_up: Tensor) -> Tensor:
-    """[d_a | d_b] (n, 2H), written over gate_up and returned; d_g (n, H) is converted to gate_up's dtype."""
+    """[d_a | d_b] (n, 2H), written over gate_up and returned. d_g (n, H) may be fp32 or gate_up's dtype; it is
+    read as it is (widened to fp32 in registers), so an fp32 d_g is not rounded first."""
     n_rows, width = _check_gate_up(gate_up)
     if not isinstance(d_g, Tensor) or d_g.shape != (n_rows, width):
         raise ValueError(f"d_g must have shape ({n_rows}, {width}), got {getattr(d_g, 'shape', None)}")
-    d_g = d_g.to(gate_up.dtype)
+    if d_g.dtype not in (torch.float32, gate_up.dtype):
+        raise TypeError(f"d_g must be float32 or gate_up's dtype {gate_up.dtype}, got {d_g.dtype}")
     if d_g.stride(1) != 1:
         d_g = d_g.contiguous()
     if n_rows and width:
@@ -97,10 +102,12 @@ def compile_specs() -> list[CompileSpec]:
              "width": "i32", "BLOCK_H": "constexpr"},
             {"BLOCK_H": SWIGLU_BLOCK_H}, SWIGLU_WARPS,
             aligned=("gate_up_ptr", "stride_gu", "g_ptr", "stride_g", "width")))
-        specs.append(CompileSpec(
-            f"swiglu_bwd[{name},BLOCK_H={SWIGLU_BLOCK_H},warps={SWIGLU_WARPS}]", _swiglu_bwd_kernel,
-            {"d_g_ptr": f"*{name}", "stride_dg": "i32", "gate_up_ptr": f"*{name}", "stride_gu": "i32",
-             "width": "i32", "BLOCK_H": "constexpr"},
-            {"BLOCK_H": SWIGLU_BLOCK_H}, SWIGLU_WARPS,
-            aligned=("d_g_ptr", "stride_dg", "gate_up_ptr", "stride_gu", "width")))
+        for dg_name in sorted({"fp32", name}):  # d_g in fp32 (accumulated) or in gate_up's dtype
+            specs.append(CompileSpec(
+                f"swiglu_bwd[d_g={dg_name},{name},BLOCK_H={SWIGLU_BLOCK_H},warps={SWIGLU_WARPS}]",
+                _swiglu_bwd_kernel,
+                {"d_g_ptr": f"*{dg_name}", "stride_dg": "i32", "gate_up_ptr": f"*{name}", "stride_gu": "i32",
+                 "width": "i32", "BLOCK_H": "constexpr"},
+                {"BLOCK_H": SWIGLU_BLOCK_H}, SWIGLU_WARPS,
+                aligned=("d_g_ptr", "stride_dg", "gate_up_ptr", "stride_gu", "width")))
     return specs
