@@ -7,7 +7,9 @@ projector's weight gradients. Only those gradient buffers are saved for backward
 incoming gradient. No (N, V) or (N, H) tensor outlives a chunk.
 
 The chunk ops (cross_entropy, swiglu_forward, swiglu_backward, nitp_loss) are pluggable: TorchChunkOps or
-TritonChunkOps. Matmuls run in hidden.dtype; losses and gradient sums in promote_types(hidden.dtype, fp32).
+TritonChunkOps. Matmul operands are in hidden.dtype (on CUDA) and every matmul result, loss and gradient sum is in
+promote_types(hidden.dtype, fp32). The chunk ops therefore receive fp32 logits / gate_up / predictions for
+bf16/fp16 inputs (fp64 for fp64) and may return gradients in either that dtype or hidden.dtype.
 """
 from __future__ import annotations
 
@@ -26,6 +28,31 @@ def default_chunk_size(n_rows: int, d_model: int, vocab: int) -> int:
     """Liger FLCE's rule: a chunk's logits hold about as many elements as hidden (N·d)."""
     inc_factor = math.ceil(vocab / d_model)
     return 1 << max(0, math.ceil(math.log2(max(1, math.ceil(n_rows / inc_factor)))))
+
+
+def matmul_acc(a: Tensor, b: Tensor, mm_dtype: torch.dtype, acc: torch.dtype) -> Tensor:
+    """a @ b with the result in the accumulation dtype.
+
+    Every matmul of the loop feeds fp32 math (softmax, SwiGLU, the NITP loss) or an fp32 gradient sum, so its
+    result stays in fp32: no rounding to bf16 between a matmul and what consumes it. On CUDA the operands run in
+    mm_dtype (hidden.dtype) with an fp32 result, mm(out_dtype=...), at bf16 GEMM speed. Elsewhere
+    (CPU, where bf16 speed is no goal) both are upcast, so low-precision results come out correctly rounded.
+    """
+    if a.is_cuda and mm_dtype != acc:
+        a, b = a.to(mm_dtype), b.to(mm_dtype)
+        try:
+            return torch.mm(a, b, out_dtype=acc)
+        except (TypeError, RuntimeError, NotImplementedError):  # torch without mm(out_dtype=...)
+            return (a @ b).to(acc)
+    return a.to(acc) @ b.to(acc)
+
+
+def add_matmul(out: Tensor, a: Tensor, b: Tensor, mm_dtype: torch.dtype) -> None:
+    """out += a @ b, the product summed in out's dtype (see matmul_acc)."""
+    if not a.is_cuda or mm_dtype == out.dtype:
+        out.addmm_(a.to(out.dtype), b.to(out.dtype))
+    else:
+        out.add_(matmul_acc(a, b, mm_dtype, out.dtype))
 
 
 @dataclass
@@ -96,7 +123,9 @@ def run_chunks(problem: Problem, ops: Any, wants: dict[str, bool]) -> tuple[list
     for start in range(0, n_rows, chunk):
         end = min(start + chunk, n_rows)
         h = hidden[start:end]
-        logits = h @ lm_weight.T if lm_bias is None else torch.addmm(lm_bias, h, lm_weight.T)
+        logits = matmul_acc(h, lm_weight.T, mm_dtype, acc)
+        if lm_bias is not None:
+            logits += lm_bias
         ce_c, z_c, d_logits = ops.cross_entropy(
             logits, labels[start:end], ignore_index=opts.ignore_index, label_smoothing=opts.label_smoothing,
             softcap=opts.softcap, z_loss_weight=opts.z_loss_weight, ce_scale=ce_scale, z_scale=ce_scale,
@@ -106,9 +135,9 @@ def run_chunks(problem: Problem, ops: Any, wants: dict[str, bool]) -> tuple[list
         d_h = None
         if d_logits is not None:
             if need_dh:
-                d_h = (d_logits @ lm_weight).to(acc)
+                d_h = matmul_acc(d_logits, lm_weight, mm_dtype, acc)
             if grads.lm_weight is not None:
-                grads.lm_weight.add_((d_logits.T @ h).to(acc))
+                add_matmul(grads.lm_weight, d_logits.T, h, mm_dtype)
             if grads.lm_bias is not None:
                 grads.lm_bias.add_(d_logits.sum(0, dtype=acc))
         del logits, d_logits
@@ -120,9 +149,9 @@ def run_chunks(problem: Problem, ops: Any, wants: dict[str, bool]) -> tuple[list
             target = problem.shallow[start + shift:start + shift + nitp_rows]
             gate_up = g = None
             if w_gate_up is not None:
-                gate_up = h_n @ w_gate_up.T
+                gate_up = matmul_acc(h_n, w_gate_up.T, mm_dtype, acc)
                 g = ops.swiglu_forward(gate_up)
-                pred = g @ w_down.T
+                pred = matmul_acc(g, w_down.T, mm_dtype, acc)
             else:
                 pred = h_n
             loss_c, d_pred, d_target = ops.nitp_loss(
@@ -134,13 +163,12 @@ def run_chunks(problem: Problem, ops: Any, wants: dict[str, bool]) -> tuple[list
                 grads.shallow[start + shift:start + shift + nitp_rows] = d_target
             if d_pred is not None:
                 if w_gate_up is not None:
-                    d_pred_mm = d_pred.to(mm_dtype)
                     if grads.w_down is not None:
-                        grads.w_down.add_((d_pred_mm.T @ g).to(acc))
-                    d_gate_up = ops.swiglu_backward(d_pred_mm @ w_down, gate_up)
+                        add_matmul(grads.w_down, d_pred.T, g, mm_dtype)
+                    d_gate_up = ops.swiglu_backward(matmul_acc(d_pred, w_down, mm_dtype, acc), gate_up)
                     if grads.gate_up is not None:
-                        grads.gate_up.add_((d_gate_up.T @ h_n).to(acc))
-                    d_from_nitp = (d_gate_up @ w_gate_up).to(acc) if need_dh else None
+                        add_matmul(grads.gate_up, d_gate_up.T, h_n, mm_dtype)
+                    d_from_nitp = matmul_acc(d_gate_up, w_gate_up, mm_dtype, acc) if need_dh else None
                 else:
                     d_from_nitp = d_pred
                 if d_from_nitp is not None:
@@ -189,19 +217,26 @@ class FusedNITPFunction(torch.autograd.Function):
         del grads
         ctx.has = [t is not None for t in saved]
         ctx.save_for_backward(*[t for t in saved if t is not None])
-        ctx.used = False
+        ctx.first_scale = None
         ctx.mark_non_differentiable(ce, nitp, z, n_ce, n_nitp)
         return loss, ce, nitp, z, n_ce, n_nitp
 
     @staticmethod
     def backward(ctx, grad_loss, *unused):
-        if ctx.used:
-            raise RuntimeError("fused NITP loss: backward was called twice; the gradient buffers are scaled in "
-                               "place, so retain_graph=True is not supported")
-        ctx.used = True
         stored = iter(ctx.saved_tensors)
         grads = [next(stored) if has else None for has in ctx.has]
-        for grad in grads:
-            if grad is not None:
-                grad.mul_(grad_loss)  # in place: no second copy of d lm_weight (V x d)
-        return (*grads, None, None, None)
+        if ctx.first_scale is None:
+            # First backward: scale the buffers in place and hand them over, so no second copy of
+            # d lm_weight (V x d) is made at the memory peak.
+            # (.data: the scaling must not bump the saved tensors' version, or a repeated backward is refused)
+            ctx.first_scale = grad_loss.detach().clone()
+            for grad in grads:
+                if grad is not None:
+                    grad.data.mul_(grad_loss)
+            return (*grads, None, None, None)
+        # A repeated backward (retain_graph=True, gradcheck): fresh tensors, the first results stay untouched.
+        if bool(ctx.first_scale == 0):
+            raise RuntimeError("fused NITP loss: the first backward through this forward had gradient 0, which "
+                               "erased its gradient buffers; run the forward again")
+        factor = grad_loss / ctx.first_scale
+        return (*[None if g is None else g * factor for g in grads], None, None, None)

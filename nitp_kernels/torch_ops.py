@@ -26,7 +26,8 @@ class TorchChunkOps:
     ) -> tuple[Tensor, Tensor, Optional[Tensor]]:
         """Sums of the CE and z terms over the chunk's valid rows, and d(ce_scale·ce + z_w·z_scale·z)/d logits.
 
-        logits (n, V) are raw (bias added, softcap not yet applied) and may be overwritten in place.
+        logits (n, V) are raw (bias added, softcap not yet applied) and may be overwritten in place. The gradient
+        comes back in the accumulation dtype; the chunk loop decides the dtype of the matmuls that consume it.
         """
         acc = accumulation_dtype(logits.dtype)
         scores = logits.to(acc)  # the same tensor when logits are already fp32/fp64: worked on in place
@@ -55,7 +56,7 @@ class TorchChunkOps:
             grad.sub_(torch.where(valid, ce_scale * (label_smoothing / logits.shape[1]), zero).unsqueeze(1))
         if tanh is not None:  # d softcap(x)/dx = 1 - tanh(x/c)^2
             grad.mul_(1.0 - tanh * tanh)
-        return ce_sum, z_sum, grad.to(logits.dtype)
+        return ce_sum, z_sum, grad
 
     def swiglu_forward(self, gate_up: Tensor) -> Tensor:
         """g = silu(a) * b for gate_up = [a | b] of shape (n, 2H); computed in fp32, returned in gate_up's dtype."""
@@ -64,14 +65,14 @@ class TorchChunkOps:
         return (F.silu(gate) * up).to(gate_up.dtype)
 
     def swiglu_backward(self, d_g: Tensor, gate_up: Tensor) -> Tensor:
-        """[d_a | d_b] with d_a = d_g·b·silu'(a), d_b = d_g·silu(a); in gate_up's dtype."""
+        """[d_a | d_b] with d_a = d_g·b·silu'(a), d_b = d_g·silu(a), in the accumulation dtype (see cross_entropy)."""
         acc = accumulation_dtype(gate_up.dtype)
         gate, up = gate_up.to(acc).chunk(2, dim=-1)
         d_g = d_g.to(acc)
         sig = torch.sigmoid(gate)
         silu = gate * sig
         d_gate = d_g * up * sig * (1.0 + gate * (1.0 - sig))
-        return torch.cat((d_gate, d_g * silu), dim=-1).to(gate_up.dtype)
+        return torch.cat((d_gate, d_g * silu), dim=-1)
 
     def nitp_loss(
         self, pred: Tensor, target: Tensor, valid: Tensor, *, loss_type: str, scale: Tensor,
