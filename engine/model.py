@@ -229,10 +229,12 @@ class OutputHead(nn.Module):
             out = fused_nitp_loss(
                 h, self.lm_head.weight, labels, shallow, self.projector, nitp_weight=aux_weight,
                 loss_type=cfg.nitp_loss_type, shift=cfg.nitp_shift, stop_gradient=cfg.nitp_stop_gradient,
-                reduction="sum", z_loss_weight=cfg.z_loss_weight, backend=cfg.backend)
+                reduction="sum", z_loss_weight=cfg.z_loss_weight, chunk_size=cfg.loss_chunk_size,
+                backend=cfg.backend)
             return OutputLosses(out.loss, out.ce_loss.detach(), out.nitp_loss.detach())
         ce = fused_linear_cross_entropy(h, self.lm_head.weight, labels, reduction="sum",
-                                        z_loss_weight=cfg.z_loss_weight, backend=cfg.backend)
+                                        z_loss_weight=cfg.z_loss_weight, chunk_size=cfg.loss_chunk_size,
+                                        backend=cfg.backend)
         ce_sum = ce.detach()
         if mode == "ntp":
             return OutputLosses(ce, ce_sum, ce_sum.new_zeros(()))

@@ -16,11 +16,11 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from engine.config import parse_cli  # noqa: E402
-from engine.parallel import env_world_size  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg = parse_cli(argv, world_size=env_world_size())
+    # torchrun announces the world size in the environment: validate against it before any work.
+    cfg = parse_cli(argv, world_size=int(os.environ.get("WORLD_SIZE", "1")))
     from engine.trainer import run  # heavy imports only after the flags are known to be valid
 
     run(cfg)
