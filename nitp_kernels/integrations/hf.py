@@ -22,7 +22,13 @@ Labels follow transformers' convention (labels[t] is token t; -100 ignored); the
 convention (labels[t] is token t+1). A `shift_labels` argument, as transformers' loss takes, is used as given.
 With `num_items_in_batch` (Trainer passes it), the losses are summed and divided by it, so gradient accumulation
 and data parallelism are exact; without it each term is the mean over its own positions. With the default
-shift=1 every CE position also has an NITP target, so both divisions count the same positions.
+shift=1 every CE position also has an NITP target, so both divisions count the same positions (with shift > 1
+the NITP sum is divided by the CE count, slightly more positions than it has).
+
+With Trainer: do not set TrainingArguments.label_smoothing_factor or compute_loss_func. Trainer then takes the
+labels out of the inputs and computes its own loss from logits, so the model is called without labels and NITP
+is not trained; pass label_smoothing to apply_nitp instead. Evaluation with labels returns the loss and no
+logits; for metrics that need logits, call the model without labels (or remove_nitp first).
 """
 from __future__ import annotations
 
