@@ -143,7 +143,10 @@ class PackedLoader:
     The global order is the concatenation of one permutation of all windows per epoch (seeded
     by (seed, epoch)). Each step consumes world_size * micro_batch_size consecutive positions;
     rank r takes the r-th block of micro_batch_size. The position (`cursor`) is global, so a
-    resumed run continues exactly, also with another world size.
+    resumed run continues exactly, also with another world size. Within an epoch every window
+    is read once, by one rank; a step that straddles two epochs takes the end of one
+    permutation and the start of the next, so it may hold a window twice (build_data requires
+    at least one step's worth of windows, so such a step is the only overlap).
     """
 
     def __init__(self, stream: TokenStream, seq_len: int, micro_batch_size: int, seed: int,
@@ -282,8 +285,8 @@ def _check_args(cfg: Any, rank: int, world_size: int) -> None:
         value = getattr(cfg, name, None)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"cfg.{name} must be a positive int, got {value!r}")
-    if not isinstance(getattr(cfg, "seed", None), int):
-        raise TypeError(f"cfg.seed must be an int, got {getattr(cfg, 'seed', None)!r}")
+    if not isinstance(getattr(cfg, "seed", None), int) or cfg.seed < 0:
+        raise ValueError(f"cfg.seed must be an int >= 0, got {getattr(cfg, 'seed', None)!r}")
     if not isinstance(getattr(cfg, "data", None), str) or not cfg.data:
         raise TypeError(f"cfg.data must be a non-empty str, got {getattr(cfg, 'data', None)!r}")
     if not isinstance(world_size, int) or world_size < 1:

@@ -102,6 +102,15 @@ def test_resume_returns_exactly_the_next_batches_also_across_epochs():
         got = b.next_batch()
         assert got.keys() == want.keys()
         assert all(torch.equal(got[k], want[k]) for k in want)
+    # resumed on another world size: one rank continues with what ranks 0 and 1 would have read
+    two = [build_data(cfg, rank=r, world_size=2).train for r in range(2)]
+    for ld in two:
+        ld.load_state_dict(state)
+    want = np.concatenate([ld.window_ids() for ld in two])
+    one = build_data(cfg).train
+    one.load_state_dict(two[0].state_dict())
+    got = np.concatenate([one.window_ids(), (one.next_batch(), one.window_ids())[1]])
+    assert np.array_equal(got, want)
     with pytest.raises(ValueError, match="seed"):
         build_data(synth_cfg(seed=99)).train.load_state_dict(state)
     with pytest.raises(TypeError):
