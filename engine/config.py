@@ -78,7 +78,7 @@ class TrainConfig:
     tokenizer: str | None = None
     doc_mask: bool = False
     eval_every: int = 0
-    eval_batches: int = 4
+    eval_batches: int = 4          # validation micro-batches per evaluation, over all ranks
     val_fraction: float = 0.01
     data_cache_dir: str = ".cache/nitp-data"
     # --- system ---

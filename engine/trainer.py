@@ -163,7 +163,9 @@ def evaluate(state: TrainState) -> float | None:
     if val is None:
         return None
     sums = torch.zeros(2, dtype=torch.float64, device=state.dist.device)
-    for batch in val.batches(state.cfg.eval_batches):
+    # eval_batches counts micro-batches over all ranks, so any world size sees the same windows.
+    per_rank = -(-state.cfg.eval_batches // state.dist.world_size)
+    for batch in val.batches(per_rank):
         b = _to_device(batch, state.dist.device)
         out, _ = state.model(b["input_ids"], b["labels"], b.get("doc_ids"), mode="ntp")
         sums[0] += out.ce_sum.double()
