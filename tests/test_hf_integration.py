@@ -224,8 +224,8 @@ def test_gradient_checkpointing_gives_the_same_gradients_and_keeps_nothing():
     ids, mask, labels = batch()
     plain, checkpointed = tiny_model("llama"), tiny_model("llama")
     # transformers 5.x checkpoints forward (hooks outside), 4.x checkpointed __call__ (hooks replayed in backward).
-    enable = getattr(checkpointed, "activation_checkpointing_enable", None) or checkpointed.gradient_checkpointing_enable
-    enable()
+    enable = getattr(checkpointed, "activation_checkpointing_enable", None)
+    (enable or checkpointed.gradient_checkpointing_enable)()
     grads = []
     for model in (plain, checkpointed):
         apply_nitp(model)

@@ -38,7 +38,6 @@ import sys
 import types
 from typing import Any, Callable, Optional
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -65,7 +64,7 @@ class _NITPState:
     nitp_weight: float
     loss_type: str
     op_options: dict
-    is_moe: bool
+    load_balancing_loss: Optional[Callable]  # the MoE family's own aux loss function; None for dense models
     original_forward: Callable
     original_signature: inspect.Signature
     instance_forward: Optional[Callable]  # a forward set on the instance before us (restored on removal)
@@ -98,6 +97,13 @@ def _check_layout(model: nn.Module) -> int:
         raise ValueError(f"{type(model).__name__} does not have the expected layout (model.model.layers as an "
                          "nn.ModuleList and model.lm_head as an nn.Linear)")
     return min(int(model.config.num_hidden_layers), len(layers))
+
+
+def _load_balancing_loss(klass: type) -> Optional[Callable]:
+    # Looked up from the transformers class itself: FSDP2 later swaps type(model) for a class defined in torch.
+    if klass.__name__ not in _MOE_MODEL_CLASSES:
+        return None
+    return sys.modules[klass.__module__].load_balancing_loss_func
 
 
 def default_target_layer(num_layers: int) -> int:
@@ -136,8 +142,10 @@ def apply_nitp(model: nn.Module, target_layer: Optional[int] = None, nitp_weight
     op_options: fused_nitp_loss's shift, stop_gradient, ignore_index, label_smoothing, z_loss_weight, softcap,
         chunk_size, backend.
 
-    Adds `model.nitp_projector`; after each loss forward `model.nitp_last_output` holds the detached parts
-    (an NITPLossOutput whose ce_loss / nitp_loss / z_loss are means over that call's positions). Returns model.
+    Adds `model.nitp_projector`; after each loss forward `model.nitp_last_output` holds the detached parts for
+    logging: an NITPLossOutput whose loss is CE + λ·NITP as returned (divided by num_items_in_batch when given;
+    before any MoE aux loss) and whose ce_loss / nitp_loss / z_loss are means over that call's positions.
+    Returns model.
     Undo with remove_nitp(model); save a checkpoint without the projector with save_pretrained_without_nitp.
     """
     if not isinstance(model, nn.Module):
@@ -161,7 +169,7 @@ def apply_nitp(model: nn.Module, target_layer: Optional[int] = None, nitp_weight
 
     state = _NITPState(
         target_layer=target_layer, nitp_weight=float(nitp_weight), loss_type=loss_type, op_options=op_options,
-        is_moe=klass.__name__ in _MOE_MODEL_CLASSES, original_forward=model.forward,
+        load_balancing_loss=_load_balancing_loss(klass), original_forward=model.forward,
         original_signature=inspect.signature(model.forward), instance_forward=model.__dict__.get("forward"))
     if use_projector:
         setattr(model, PROJECTOR_ATTR, projector)
@@ -210,7 +218,8 @@ def _loss_forward(model: nn.Module, state: _NITPState, labels: Tensor, arguments
     shift_labels = arguments.pop("shift_labels", None)
     return_dict = arguments.pop("return_dict", None)
     output_router_logits = False
-    if state.is_moe:
+    is_moe = state.load_balancing_loss is not None
+    if is_moe:
         output_router_logits = arguments.pop("output_router_logits", None)
         if output_router_logits is None:
             output_router_logits = bool(getattr(model.config, "output_router_logits", False))
@@ -243,15 +252,14 @@ def _loss_forward(model: nn.Module, state: _NITPState, labels: Tensor, arguments
     setattr(model, LAST_OUTPUT_ATTR, _per_position_means(result, loss, reduction))
 
     extra = {}
-    if state.is_moe:
+    if is_moe:
         aux_loss = None
         if output_router_logits:
-            balance = sys.modules[type(model.model).__module__].load_balancing_loss_func
-            aux_loss = balance(outputs.router_logits, model.num_experts, model.num_experts_per_tok,
-                               arguments.get("attention_mask"))
+            aux_loss = state.load_balancing_loss(outputs.router_logits, model.num_experts,
+                                                 model.num_experts_per_tok, arguments.get("attention_mask"))
             loss = loss + model.router_aux_loss_coef * aux_loss.to(loss.device)
         extra = {"aux_loss": aux_loss, "router_logits": getattr(outputs, "router_logits", None)}
-    output = _causal_lm_output(state.is_moe, loss, outputs, extra)
+    output = _causal_lm_output(is_moe, loss, outputs, extra)
     if return_dict is None:
         return_dict = getattr(model.config, "return_dict", True)
     return output if return_dict is not False else output.to_tuple()
