@@ -123,13 +123,16 @@ def nitp_truth(pred, target, valid, loss_type, scale):
     return rows.detach(), p.grad, y.grad
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("pred_dtype,dtype", [
+    (torch.float32, torch.float32), (torch.float16, torch.float16), (torch.bfloat16, torch.bfloat16),
+    (torch.float32, torch.float16), (torch.float32, torch.bfloat16),  # the chunk loop's fp32 projector output
+], ids=str)
 @pytest.mark.parametrize("loss_type", ["cosine", "mse", "smooth_l1", "kl"])
-def test_nitp_rows_kernel(dtype, loss_type):
+def test_nitp_rows_kernel(pred_dtype, dtype, loss_type):
     """d = 600: two 512-lane blocks, the second ragged; the target is a strided view (every other row)."""
     n_rows, dim = 5, 600
     gen = torch.Generator().manual_seed(7)
-    pred = torch.randn(n_rows, dim, generator=gen).to(dtype)
+    pred = torch.randn(n_rows, dim, generator=gen).to(pred_dtype)
     shallow = (1.5 * torch.randn(2 * n_rows, dim, generator=gen)).to(dtype)
     target = shallow[::2]  # row stride 2*dim: read in place, never copied
     valid = torch.tensor([True, False, True, True, True])
@@ -194,4 +197,5 @@ def test_compile_specs_cover_every_launcher_config():
         for name in ("fp32", "bf16", "fp16"):
             assert f"cross_entropy[{name},BLOCK_V={block},warps={warps}]" in ce_labels
     assert len(swiglu.compile_specs()) == 3 + 5  # forward per dtype; backward per (d_g, gate_up) dtype pair
-    assert len(nitp_rows.compile_specs()) == 3 * len(nitp_rows.LOSS_CODES)
+    # (pred, target) dtypes: (fp32, fp32), and (X, X), (fp32, X) for X in bf16, fp16
+    assert len(nitp_rows.compile_specs()) == 5  # loss_type is a runtime argument

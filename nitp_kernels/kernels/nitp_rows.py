@@ -2,13 +2,14 @@
 
 Kernel `_nitp_rows_kernel`, one program per row (grid = n rows), looping over the feature dimension d in blocks:
 
-    inputs   pred (n, d) and target (n, d), both fp32/bf16/fp16 with unit column stride and their own row
+    inputs   pred (n, d) and target (n, d), fp32/bf16/fp16 (pred in target's dtype or fp32: the chunk loop's
+             projector output is fp32-accumulated), with unit column stride and their own row
              strides: `target` is a strided view of the shallow rows t+shift, read in place, never copied.
              valid (n,) bool: rows without a target or with an ignored label. scale: fp32 scalar through a
              pointer (nitp_weight / n_nitp for "mean"). need_grad, need_target_grad: runtime 0/1.
     outputs  loss_rows (n,) fp32, 0 on invalid rows; if need_grad: d_pred (n, d) fp32 = scale * dloss/dp, and if
              need_target_grad: d_target (n, d) fp32 = scale * dloss/dy; invalid rows are written as 0.
-    loss     LOSS_TYPE (constexpr) 0 "cosine"  1 - <p,y> / (max(|p|,1e-6) max(|y|,1e-6)); the derivative of a
+    loss     loss_code (runtime, uniform) 0 "cosine"  1 - <p,y> / (max(|p|,1e-6) max(|y|,1e-6)); the derivative of a
              clamped norm is 0, as in the torch backend;
              1 "mse" mean_d (p-y)^2;  2 "smooth_l1" mean_d SmoothL1_{beta=1}(p-y);
              3 "kl" KL(softmax(y) || softmax(p)) over d = sum_j q_j (log q_j - log r_j), with
@@ -16,7 +17,8 @@ Kernel `_nitp_rows_kernel`, one program per row (grid = n rows), looping over th
     numerics loads widened to fp32, everything in fp32 registers. cosine and kl take a first pass for the row
              statistics (dot and squared norms; online max / rescaled sums of exp for both softmaxes) and a second
              pass for the gradients; mse and smooth_l1 need one pass.
-    tiling   BLOCK_D = 512 lanes, 4 warps, one config per (dtype, loss_type); row offsets int64. No atomics.
+    tiling   BLOCK_D = 512 lanes, 4 warps, one config per (pred, target) dtype pair; row offsets int64.
+             No atomics.
 """
 from __future__ import annotations
 
@@ -45,11 +47,11 @@ def _store_zero_rows(d_pred_row, d_target_row, n_cols, need_grad, need_target_gr
                 tl.store(d_target_row + start + cols, zeros, mask=mask)
 
 
-@triton.jit(do_not_specialize=["need_grad", "need_target_grad"])
+@triton.jit(do_not_specialize=["need_grad", "need_target_grad", "loss_code"])
 def _nitp_rows_kernel(
     pred_ptr, stride_pred, target_ptr, stride_target, valid_ptr, loss_rows_ptr, d_pred_ptr, d_target_ptr,
-    stride_grad, scale_ptr, n_cols, need_grad, need_target_grad,
-    LOSS_TYPE: tl.constexpr, BLOCK_D: tl.constexpr,
+    stride_grad, scale_ptr, n_cols, need_grad, need_target_grad, loss_code,
+    BLOCK_D: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     p_row = pred_ptr + row * stride_pred
@@ -64,7 +66,9 @@ def _nitp_rows_kernel(
         return
 
     scale = tl.load(scale_ptr)
-    if LOSS_TYPE == 0:  # cosine
+    # loss_code is a runtime (uniform) branch rather than a constexpr: one compiled kernel serves all four
+    # losses, which keeps the compile gate's config set small; the branch costs nothing next to the loads
+    if loss_code == 0:  # cosine
         dot = tl.zeros([BLOCK_D], dtype=tl.float32)
         pp = tl.zeros([BLOCK_D], dtype=tl.float32)
         yy = tl.zeros([BLOCK_D], dtype=tl.float32)
@@ -93,7 +97,7 @@ def _nitp_rows_kernel(
                 tl.store(dp_row + start + cols, scale * (p_term * p - inv * y), mask=mask)
                 if need_target_grad != 0:
                     tl.store(dy_row + start + cols, scale * (y_term * y - inv * p), mask=mask)
-    elif LOSS_TYPE == 3:  # kl: online softmax statistics of p and y, and sum_j exp(y_j - m_y)(y_j - p_j)
+    elif loss_code == 3:  # kl: online softmax statistics of p and y, and sum_j exp(y_j - m_y)(y_j - p_j)
         m_p = float("-inf")
         l_p = 0.0
         m_y = float("-inf")
@@ -137,7 +141,7 @@ def _nitp_rows_kernel(
             p = tl.load(p_row + start + cols, mask=mask, other=0.0).to(tl.float32)
             y = tl.load(y_row + start + cols, mask=mask, other=0.0).to(tl.float32)
             diff = p - y
-            if LOSS_TYPE == 1:
+            if loss_code == 1:
                 total += diff * diff
                 grad = 2.0 * diff
             else:
@@ -160,8 +164,9 @@ def nitp_rows(
     if loss_type not in LOSS_CODES:
         raise ValueError(f"loss_type must be one of {tuple(LOSS_CODES)}, got {loss_type!r}")
     check_kernel_dtype("pred", pred)
-    if target.dtype != pred.dtype:
-        raise TypeError(f"target must have pred's dtype {pred.dtype}, got {target.dtype}")
+    check_kernel_dtype("target", target)
+    if pred.dtype not in (target.dtype, torch.float32):
+        raise TypeError(f"pred must be float32 or target's dtype {target.dtype}, got {pred.dtype}")
     if pred.dim() != 2 or target.shape != pred.shape:
         raise ValueError(f"pred and target must be (n, d) of one shape, got {tuple(pred.shape)}, "
                          f"{tuple(target.shape)}")
@@ -186,25 +191,25 @@ def nitp_rows(
     _nitp_rows_kernel[(n_rows,)](
         pred, pred.stride(0), target, target.stride(0), valid.contiguous(), loss_rows, dp_arg, dy_arg,
         n_cols, as_fp32_scalar("scale", scale), n_cols, int(d_pred is not None), int(d_target is not None),
-        LOSS_TYPE=LOSS_CODES[loss_type], BLOCK_D=NITP_BLOCK_D, num_warps=NITP_WARPS,
+        LOSS_CODES[loss_type], BLOCK_D=NITP_BLOCK_D, num_warps=NITP_WARPS,
     )
     return loss_rows, d_pred, d_target
 
 
 def compile_specs() -> list[CompileSpec]:
-    """One config per (storage dtype, loss_type)."""
+    """One config per (pred dtype, target dtype), pred in target's dtype or fp32; loss_type is a runtime argument."""
     specs = []
-    for name in TRITON_TYPE.values():
-        for loss_type, code in LOSS_CODES.items():
-            signature = {
-                "pred_ptr": f"*{name}", "stride_pred": "i32", "target_ptr": f"*{name}", "stride_target": "i32",
-                "valid_ptr": "*i1", "loss_rows_ptr": "*fp32", "d_pred_ptr": "*fp32", "d_target_ptr": "*fp32",
-                "stride_grad": "i32", "scale_ptr": "*fp32", "n_cols": "i32", "need_grad": "i32",
-                "need_target_grad": "i32", "LOSS_TYPE": "constexpr", "BLOCK_D": "constexpr",
-            }
-            specs.append(CompileSpec(
-                f"nitp_rows[{name},{loss_type},BLOCK_D={NITP_BLOCK_D},warps={NITP_WARPS}]", _nitp_rows_kernel,
-                signature, {"LOSS_TYPE": code, "BLOCK_D": NITP_BLOCK_D}, NITP_WARPS,
-                aligned=("pred_ptr", "target_ptr", "loss_rows_ptr", "d_pred_ptr", "d_target_ptr",
-                         "stride_pred", "stride_target", "stride_grad")))
+    pairs = [(pred, target) for target in TRITON_TYPE.values() for pred in sorted({"fp32", target})]
+    for pred_name, name in pairs:
+        signature = {
+            "pred_ptr": f"*{pred_name}", "stride_pred": "i32", "target_ptr": f"*{name}", "stride_target": "i32",
+            "valid_ptr": "*i1", "loss_rows_ptr": "*fp32", "d_pred_ptr": "*fp32", "d_target_ptr": "*fp32",
+            "stride_grad": "i32", "scale_ptr": "*fp32", "n_cols": "i32", "need_grad": "i32",
+            "need_target_grad": "i32", "loss_code": "i32", "BLOCK_D": "constexpr",
+        }
+        specs.append(CompileSpec(
+            f"nitp_rows[pred={pred_name},{name},BLOCK_D={NITP_BLOCK_D},warps={NITP_WARPS}]", _nitp_rows_kernel,
+            signature, {"BLOCK_D": NITP_BLOCK_D}, NITP_WARPS,
+            aligned=("pred_ptr", "target_ptr", "loss_rows_ptr", "d_pred_ptr", "d_target_ptr",
+                     "stride_pred", "stride_target", "stride_grad")))
     return specs
