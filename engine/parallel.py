@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.utils.checkpoint import checkpoint
 
 from engine.config import TrainConfig
 
@@ -85,13 +86,21 @@ def compute_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def apply_activation_checkpointing(model: torch.nn.Module) -> None:
-    """Wrap every block (not the output module) so its activations are recomputed in backward."""
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+def _checkpointed(forward):
+    def run(*args, **kwargs):
+        return checkpoint(forward, *args, use_reentrant=False, preserve_rng_state=False, **kwargs)
 
-    layers = model.backbone.layers
-    for i, block in enumerate(layers):
-        layers[i] = checkpoint_wrapper(block, preserve_rng_state=False)
+    return run
+
+
+def apply_activation_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute every block's activations in backward (not the output module's).
+
+    The block's forward is replaced on the instance rather than the block wrapped in a module, so
+    parameter names stay those of the model (checkpoints and export see no wrapper prefix).
+    """
+    for block in model.backbone.layers:
+        block.forward = _checkpointed(block.forward)
 
 
 def apply_compile(model: torch.nn.Module) -> None:

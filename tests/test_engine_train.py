@@ -126,3 +126,22 @@ def test_torchrun_two_processes_equal_one_process(tmp_path, capsys):
         assert key in rows1[-1], key
     assert rows1[-1]["peak_mem_bytes"] > 10 * 2**20 and rows1[-1]["tokens_per_s"] > 0
     assert abs(rows1[-1]["val_ce"] - rows2[-1]["val_ce"]) <= 1e-5 and rows1[-1]["val_ce"] > 0
+
+
+def test_activation_checkpointing_and_document_mask(state_of, tmp_path):
+    plain = state_of("tiny", doc_mask=True, steps=2, out=str(tmp_path / "a"))
+    ckpt = state_of("tiny", doc_mask=True, activation_checkpointing=True, steps=2, out=str(tmp_path / "b"))
+    batches = next_batches(plain)
+    assert "doc_ids" in batches[0] and int(batches[0]["doc_ids"].max()) > 0
+    calls = {"plain": 0, "ckpt": 0}
+    for name, state in (("plain", plain), ("ckpt", ckpt)):
+        state.model.backbone.layers[1].self_attn.register_forward_hook(
+            lambda *a, name=name: calls.__setitem__(name, calls[name] + 1))
+    m1, m2 = train_step(plain, batches), train_step(ckpt, batches)
+    assert (calls["plain"], calls["ckpt"]) == (len(batches), 2 * len(batches))  # recomputed in backward
+    for key in ("loss", "ce_loss", "nitp_loss", "grad_norm"):
+        assert m1[key] == pytest.approx(m2[key], rel=1e-6), key
+    p1, p2 = _params(plain), _params(ckpt)
+    assert p1.keys() == p2.keys()
+    for n in p1:
+        torch.testing.assert_close(p1[n], p2[n], rtol=0, atol=1e-6, msg=n)
