@@ -156,8 +156,11 @@ def _load_column(fmt: str, files: list[Path], root: Path, text_field: str, cache
     field = "text" if fmt == "text" else text_field
 
     def load(group: list[Path]) -> Any:
+        # rebuilt, never reused: datasets' own cache is keyed by file size and mtime, not
+        # content, and we only get here when the content hash found no prepared data
         return datasets.load_dataset(fmt, data_files=[str(p) for p in group], split="train",
-                                     cache_dir=str(cache), **extra)
+                                     cache_dir=str(cache), download_mode="force_redownload",
+                                     **extra)
 
     try:
         parts = [load(files)]
