@@ -75,8 +75,10 @@ def run_chunks(problem: Problem, ops: Any, wants: dict[str, bool]) -> tuple[list
     n_rows, d = hidden.shape
     mm_dtype, device = hidden.dtype, hidden.device
     acc = accumulation_dtype(mm_dtype)
-    lm_weight = problem.lm_weight.to(mm_dtype)
-    lm_bias = None if problem.lm_bias is None else problem.lm_bias.to(mm_dtype)
+    # Weights are cast once: to the matmul dtype on CUDA; elsewhere matmul_acc upcasts operands to acc anyway.
+    operand_dtype = mm_dtype if hidden.is_cuda else acc
+    lm_weight = problem.lm_weight.to(operand_dtype)
+    lm_bias = None if problem.lm_bias is None else problem.lm_bias.to(acc)
     vocab = lm_weight.shape[0]
     with_nitp, shift = problem.with_nitp, opts.shift
 
@@ -95,7 +97,7 @@ def run_chunks(problem: Problem, ops: Any, wants: dict[str, bool]) -> tuple[list
     any_grad = any(wants.values())
     w_gate_up = w_down = None
     if with_nitp and problem.projector is not None:
-        w_gate, w_up, w_down = (w.to(mm_dtype) for w in problem.projector)
+        w_gate, w_up, w_down = (w.to(operand_dtype) for w in problem.projector)
         w_gate_up = torch.cat((w_gate, w_up), dim=0)  # one (2H x d) GEMM for gate and up
         width = w_gate.shape[0]
 

@@ -1,0 +1,172 @@
+"""The public API around the numbers: bad input, empty terms, gradcheck, shapes, determinism, modules."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nitp_kernels import NITPLoss, NITPLossOutput, NITPProjector, fused_linear_cross_entropy, fused_nitp_loss
+
+D, V, B, T = 6, 11, 2, 5
+
+
+def _inputs(dtype=torch.float64, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(B, T, D, generator=gen, dtype=dtype, requires_grad=True)
+    lm_weight = torch.randn(V, D, generator=gen, dtype=dtype, requires_grad=True)
+    labels = torch.randint(0, V, (B, T), generator=gen)
+    shallow = torch.randn(B, T, D, generator=gen, dtype=dtype)
+    projector = NITPProjector(D, hidden_mult=2, dtype=dtype)
+    return hidden, lm_weight, labels, shallow, projector
+
+
+@pytest.mark.parametrize("stop_gradient", [True, False])
+def test_gradcheck_float64(stop_gradient):
+    hidden, lm_weight, labels, shallow, projector = _inputs()
+    bias = torch.randn(V, dtype=torch.float64, requires_grad=True)
+    shallow.requires_grad_(not stop_gradient)
+    labels[0, 1] = -100
+
+    def loss(h, w, b, s, wg, wu, wd):
+        return fused_nitp_loss(h, w, labels, s, (wg, wu, wd), lm_bias=b, stop_gradient=stop_gradient,
+                               label_smoothing=0.1, z_loss_weight=0.01, softcap=4.0, chunk_size=3,
+                               backend="torch").loss
+
+    assert torch.autograd.gradcheck(loss, (hidden, lm_weight, bias, shallow, *projector.parameters()))
+
+
+BAD_CALLS = [
+    ("hidden", dict(hidden=torch.randn(3, D, dtype=torch.float64)), ValueError),  # 2-D without seq_len
+    ("hidden", dict(hidden=torch.randn(B, T, D).long()), TypeError),
+    ("hidden", dict(hidden=torch.randn(D, dtype=torch.float64)), ValueError),
+    ("seq_len", dict(seq_len=4), ValueError),
+    ("lm_weight", dict(lm_weight=torch.randn(V, D + 1, dtype=torch.float64)), ValueError),
+    ("lm_weight", dict(lm_weight=torch.randint(0, 3, (V, D))), TypeError),
+    ("lm_bias", dict(lm_bias=torch.randn(V + 1, dtype=torch.float64)), ValueError),
+    ("labels", dict(labels=torch.zeros(B, T + 1, dtype=torch.long)), ValueError),
+    ("labels", dict(labels=torch.zeros(B, T)), TypeError),
+    ("labels", dict(labels=torch.full((B, T), V)), ValueError),
+    ("labels", dict(labels=torch.full((B, T), -7)), ValueError),
+    ("shallow", dict(shallow=torch.randn(B, T + 1, D, dtype=torch.float64)), ValueError),
+    ("shallow", dict(shallow=torch.randn(B, T, D, dtype=torch.float32)), TypeError),
+    ("projector", dict(projector="swiglu"), TypeError),
+    ("projector", dict(projector=(torch.randn(4, D), torch.randn(4, D), torch.randn(D, 5))), ValueError),
+    ("loss_type", dict(loss_type="cos"), ValueError),
+    ("reduction", dict(reduction="none"), ValueError),
+    ("backend", dict(backend="cuda"), ValueError),
+    ("shift", dict(shift=T), ValueError),
+    ("shift", dict(shift=-1), ValueError),
+    ("nitp_weight", dict(nitp_weight=-0.5), ValueError),
+    ("label_smoothing", dict(label_smoothing=1.5), ValueError),
+    ("z_loss_weight", dict(z_loss_weight=-1.0), ValueError),
+    ("softcap", dict(softcap=0.0), ValueError),
+    ("chunk_size", dict(chunk_size=0), ValueError),
+    ("float64", dict(backend="triton"), TypeError),
+]
+
+
+@pytest.mark.parametrize("name,override,error", BAD_CALLS, ids=[f"{c[0]}-{i}" for i, c in enumerate(BAD_CALLS)])
+def test_bad_input_names_the_argument(name, override, error):
+    hidden, lm_weight, labels, shallow, projector = _inputs()
+    args = dict(hidden=hidden, lm_weight=lm_weight, labels=labels, shallow=shallow, projector=projector)
+    args.update({k: v for k, v in override.items() if k in args})
+    kwargs = {k: v for k, v in override.items() if k not in args}
+    with pytest.raises(error, match=name):
+        fused_nitp_loss(args["hidden"], args["lm_weight"], args["labels"], args["shallow"], args["projector"],
+                        **kwargs)
+
+
+def test_device_mismatch_is_refused():
+    hidden, lm_weight, labels, shallow, projector = _inputs()
+    meta_labels = torch.zeros(B, T, dtype=torch.long, device="meta")
+    with pytest.raises(ValueError, match="labels"):
+        fused_nitp_loss(hidden, lm_weight, meta_labels, shallow, projector)
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_all_ignored_labels_give_zero_loss_and_zero_gradients(backend, reduction):
+    hidden, lm_weight, labels, shallow, projector = _inputs(torch.float32)
+    labels.fill_(-100)
+    out = fused_nitp_loss(hidden, lm_weight, labels, shallow, projector, backend=backend, reduction=reduction,
+                          z_loss_weight=0.1)
+    out.loss.backward()
+    assert out.loss.item() == 0 and out.n_ce.item() == 0 and out.n_nitp.item() == 0
+    for tensor in (hidden, lm_weight, *projector.parameters()):
+        assert tensor.grad is not None and torch.all(tensor.grad == 0), "gradient must be zero, not NaN"
+
+
+def test_two_dimensional_input_with_seq_len_equals_three_dimensional():
+    hidden, lm_weight, labels, shallow, projector = _inputs()
+    out3 = fused_nitp_loss(hidden, lm_weight, labels, shallow, projector, backend="torch")
+    out2 = fused_nitp_loss(hidden.reshape(-1, D), lm_weight, labels.reshape(-1), shallow.reshape(-1, D), projector,
+                           seq_len=T, backend="torch")
+    for a, b in zip(out3, out2):
+        assert torch.equal(a, b)
+    assert isinstance(out3, NITPLossOutput) and out3.n_nitp.item() == B * (T - 1)
+
+
+def test_deterministic_bitwise():
+    hidden, lm_weight, labels, shallow, projector = _inputs(torch.float32)
+    grads = []
+    for _ in range(2):
+        hidden.grad = lm_weight.grad = None
+        out = fused_nitp_loss(hidden, lm_weight, labels, shallow, projector, chunk_size=3, backend="torch")
+        out.loss.backward()
+        grads.append((out.loss.detach(), hidden.grad.clone(), lm_weight.grad.clone()))
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_fused_linear_cross_entropy_matches_f_cross_entropy(reduction):
+    hidden, lm_weight, labels, _, _ = _inputs()
+    labels[1, 2] = -100
+    loss = fused_linear_cross_entropy(hidden, lm_weight, labels, reduction=reduction, chunk_size=4,
+                                      backend="torch")
+    want = F.cross_entropy((hidden @ lm_weight.T).reshape(-1, V), labels.reshape(-1), reduction=reduction)
+    torch.testing.assert_close(loss, want, rtol=1e-12, atol=1e-12)
+    got_grads = torch.autograd.grad(loss, (hidden, lm_weight))
+    want_grads = torch.autograd.grad(want, (hidden, lm_weight))
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+
+
+def test_weights_in_fp32_with_bf16_hidden_get_fp32_gradients():
+    hidden, lm_weight, labels, shallow, projector = _inputs(torch.float32)
+    hidden16 = hidden.detach().bfloat16().requires_grad_()
+    out = fused_nitp_loss(hidden16, lm_weight, labels, shallow.bfloat16(), projector, backend="torch")
+    out.loss.backward()
+    assert out.loss.dtype == torch.float32
+    assert hidden16.grad.dtype == torch.bfloat16 and lm_weight.grad.dtype == torch.float32
+    assert projector.w_down.grad.dtype == torch.float32
+
+
+def test_projector_module_and_loss_module():
+    hidden, lm_weight, labels, shallow, projector = _inputs()
+    x = hidden.detach()
+    want = F.linear(F.silu(x @ projector.w_gate.T) * (x @ projector.w_up.T), projector.w_down)
+    torch.testing.assert_close(projector(x), want)
+    assert sum(p.numel() for p in NITPProjector(8).parameters()) == 12 * 8 * 8
+    module = NITPLoss(loss_type="mse", shift=2, backend="torch")
+    got = module(hidden, lm_weight, labels, shallow, projector)
+    want = fused_nitp_loss(hidden, lm_weight, labels, shallow, projector, loss_type="mse", shift=2,
+                           backend="reference")
+    torch.testing.assert_close(got.loss, want.loss, rtol=1e-10, atol=0)
+    with pytest.raises(ValueError, match="loss_type"):
+        NITPLoss(loss_type="l2")
+
+
+def test_projector_none_is_identity():
+    hidden, lm_weight, labels, shallow, _ = _inputs()
+    out = fused_nitp_loss(hidden, lm_weight, labels, shallow, None, loss_type="mse", reduction="sum",
+                          backend="torch")
+    h, s = hidden.detach(), shallow
+    want = ((h[:, :-1] - s[:, 1:]) ** 2).mean(-1).sum()
+    torch.testing.assert_close(out.nitp_loss, want)
+
+
+def test_backend_selection():
+    hidden, lm_weight, labels, shallow, projector = _inputs(torch.float32)
+    from nitp_kernels.api import resolve_backend
+    assert resolve_backend("auto", hidden) == "torch"  # CPU tensors
+    with pytest.raises(ValueError, match="backend"):
+        resolve_backend("gpu", hidden)
