@@ -145,3 +145,12 @@ def test_activation_checkpointing_and_document_mask(state_of, tmp_path):
     assert p1.keys() == p2.keys()
     for n in p1:
         torch.testing.assert_close(p1[n], p2[n], rtol=0, atol=1e-6, msg=n)
+
+
+def test_bitwise_deterministic_on_cpu(state_of, tmp_path):
+    a = state_of("tiny-moe", steps=2, out=str(tmp_path / "a"))
+    b = state_of("tiny-moe", steps=2, out=str(tmp_path / "b"))
+    for _ in range(2):
+        assert train_step(a, next_batches(a)) == train_step(b, next_batches(b))
+    pa, pb = _params(a), _params(b)
+    assert all(torch.equal(pa[n], pb[n]) for n in pa)
