@@ -22,6 +22,10 @@ class NITPLossOutput(NamedTuple):
     z_loss: Tensor
     n_ce: Tensor
     n_nitp: Tensor
+    # return_grad_norms=True: ||d(ce + z_loss_weight·z)/d hidden|| and ||d nitp_loss/d hidden|| (NITP unweighted
+    # by nitp_weight, per unit of the loss's incoming gradient), so λ can be tuned from their ratio; else None.
+    ce_grad_norm: Optional[Tensor] = None
+    nitp_grad_norm: Optional[Tensor] = None
 
 
 def _triton_ops():
@@ -72,11 +76,14 @@ def _run(problem: Problem, backend: str, projector_tensors: tuple) -> tuple[Tens
     if not torch.is_grad_enabled() or not any(wants.values()):
         wants = dict.fromkeys(wants, False)
         with torch.no_grad():  # evaluation: losses only, no gradient buffer is built
-            (ce, nitp, z, n_ce, n_nitp), _ = run_chunks(problem, ops, wants)
+            (ce, nitp, z, n_ce, n_nitp, *_), _ = run_chunks(problem, ops, wants)
         opts = problem.options
         return ce + opts.nitp_weight * nitp + opts.z_loss_weight * z, ce, nitp, z, n_ce, n_nitp
-    return FusedNITPFunction.apply(problem.hidden_input, lm_weight, lm_bias, problem.shallow_input,
+    *outputs, ce_norm, nitp_norm = FusedNITPFunction.apply(problem.hidden_input, lm_weight, lm_bias, problem.shallow_input,
                                    w_gate, w_up, w_down, problem, ops, wants)
+    if problem.options.return_grad_norms:
+        return (*outputs, ce_norm, nitp_norm)
+    return tuple(outputs)
 
 
 def fused_nitp_loss(
@@ -85,6 +92,7 @@ def fused_nitp_loss(
     stop_gradient: bool = True, ignore_index: int = -100, reduction: str = "mean",
     label_smoothing: float = 0.0, z_loss_weight: float = 0.0, softcap: Optional[float] = None,
     lm_bias: Optional[Tensor] = None, chunk_size: Optional[int] = None, backend: str = "auto",
+    return_grad_norms: bool = False,
 ) -> NITPLossOutput:
     """Cross-entropy of the LM head plus the NITP loss, fused, without materialising logits.
 
@@ -92,12 +100,13 @@ def fused_nitp_loss(
     (labels[t] is token t+1), ignore_index marks positions without a label. lm_weight: (V, d).
     projector: an NITPProjector, (w_gate (H, d), w_up (H, d), w_down (d, H)), or None (P = identity).
     The NITP target of position t is shallow[t + shift] of the same sequence (stop-gradient by default).
-    See DESIGN.md section 3 for the exact semantics shared by every backend.
+    See DESIGN.md section 3 for the exact semantics shared by every backend. return_grad_norms=True adds the
+    norms of the CE and NITP parts of d hidden to the output (training diagnostics for tuning λ).
     """
     options = validate_options(
         nitp_weight=nitp_weight, loss_type=loss_type, shift=shift, stop_gradient=stop_gradient,
         ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
-        z_loss_weight=z_loss_weight, softcap=softcap, chunk_size=chunk_size)
+        z_loss_weight=z_loss_weight, softcap=softcap, chunk_size=chunk_size, return_grad_norms=return_grad_norms)
     problem = build_problem(hidden, lm_weight, labels, shallow, projector, options, seq_len=seq_len,
                             lm_bias=lm_bias, with_nitp=True)
     backend = resolve_backend(backend, problem.hidden)

@@ -68,8 +68,12 @@ class Gradients:
 
 
 def run_chunks(problem: Problem, ops: Any, wants: dict[str, bool]) -> tuple[list[Tensor], Gradients]:
-    """Losses [ce, nitp, z, n_ce, n_nitp] (ce/nitp/z already reduced) and the gradients of
-    loss = ce + nitp_weight·nitp + z_loss_weight·z for the inputs named True in `wants`."""
+    """Losses [ce, nitp, z, n_ce, n_nitp, ce_grad_norm, nitp_grad_norm] (ce/nitp/z already reduced) and the
+    gradients of loss = ce + nitp_weight·nitp + z_loss_weight·z for the inputs named True in `wants`.
+
+    With options.return_grad_norms the two norms are ||d(ce + z_loss_weight·z)/d hidden|| and
+    ||d nitp/d hidden|| (NITP unweighted by nitp_weight, so a target ratio gives λ directly); else empty tensors.
+    """
     opts = problem.options
     hidden, labels = problem.hidden, problem.labels
     n_rows, d = hidden.shape
@@ -78,7 +82,10 @@ def run_chunks(problem: Problem, ops: Any, wants: dict[str, bool]) -> tuple[list
     # Weights are cast once: to the matmul dtype on CUDA; elsewhere matmul_acc upcasts operands to acc anyway.
     operand_dtype = mm_dtype if hidden.is_cuda else acc
     lm_weight = problem.lm_weight.to(operand_dtype)
-    lm_bias = None if problem.lm_bias is None else problem.lm_bias.to(acc)
+    # On CUDA the logits chunk stays in the matmul dtype, as in Liger and Cut Cross-Entropy: the CE kernel reads
+    # it once and writes d logits over it, half the memory traffic of fp32 logits.
+    logits_dtype = mm_dtype if hidden.is_cuda else acc
+    lm_bias = None if problem.lm_bias is None else problem.lm_bias.to(logits_dtype)
     vocab = lm_weight.shape[0]
     with_nitp, shift = problem.with_nitp, opts.shift
 
@@ -114,8 +121,13 @@ def run_chunks(problem: Problem, ops: Any, wants: dict[str, bool]) -> tuple[list
         if wants["projector"]:
             grads.gate_up = torch.zeros((2 * width, d), dtype=acc, device=device)
             grads.w_down = torch.zeros((d, width), dtype=acc, device=device)
-    # d hidden is needed to reach the projector weights even when hidden itself needs no gradient
     need_dh = wants["hidden"]
+    grad_norms = opts.return_grad_norms and need_dh
+    # For the norms the NITP gradient is formed unweighted and weighted by λ afterwards
+    nitp_grad_scale = nitp_scale if grad_norms else opts.nitp_weight * nitp_scale
+    post_weight = opts.nitp_weight if grad_norms else None
+    ce_sq = torch.zeros((), dtype=acc, device=device)
+    nitp_sq = torch.zeros((), dtype=acc, device=device)
     need_nitp_grad = any_grad and with_nitp and (wants["hidden"] or wants["projector"] or wants["shallow"])
 
     chunk = opts.chunk_size or default_chunk_size(n_rows, d, vocab)
@@ -125,9 +137,12 @@ def run_chunks(problem: Problem, ops: Any, wants: dict[str, bool]) -> tuple[list
     for start in range(0, n_rows, chunk):
         end = min(start + chunk, n_rows)
         h = hidden[start:end]
-        logits = matmul_acc(h, lm_weight.T, mm_dtype, acc)
-        if lm_bias is not None:
-            logits += lm_bias
+        if logits_dtype == acc:
+            logits = matmul_acc(h, lm_weight.T, mm_dtype, acc)
+            if lm_bias is not None:
+                logits += lm_bias
+        else:
+            logits = h @ lm_weight.T if lm_bias is None else torch.addmm(lm_bias, h, lm_weight.T)
         ce_c, z_c, d_logits = ops.cross_entropy(
             logits, labels[start:end], ignore_index=opts.ignore_index, label_smoothing=opts.label_smoothing,
             softcap=opts.softcap, z_loss_weight=opts.z_loss_weight, ce_scale=ce_scale, z_scale=ce_scale,
@@ -136,8 +151,11 @@ def run_chunks(problem: Problem, ops: Any, wants: dict[str, bool]) -> tuple[list
         z_sum += z_c
         d_h = None
         if d_logits is not None:
+            d_logits = d_logits.to(operand_dtype)  # once, for both matmuls below (no-op off CUDA)
             if need_dh:
                 d_h = matmul_acc(d_logits, lm_weight, mm_dtype, acc)
+                if grad_norms:
+                    ce_sq += d_h.square().sum()
             if grads.lm_weight is not None:
                 add_matmul(grads.lm_weight, d_logits.T, h, mm_dtype)
             if grads.lm_bias is not None:
@@ -158,25 +176,34 @@ def run_chunks(problem: Problem, ops: Any, wants: dict[str, bool]) -> tuple[list
                 pred = h_n
             loss_c, d_pred, d_target = ops.nitp_loss(
                 pred, target, nitp_valid[start:start + nitp_rows], loss_type=opts.loss_type,
-                scale=opts.nitp_weight * nitp_scale, need_grad=need_nitp_grad,
+                scale=nitp_grad_scale, need_grad=need_nitp_grad,
                 need_target_grad=grads.shallow is not None)
             nitp_sum += loss_c
-            if d_target is not None:
-                grads.shallow[start + shift:start + shift + nitp_rows] = d_target
             if d_pred is not None:
+                d_from_nitp = d_gate_up = None
                 if w_gate_up is not None:
-                    if grads.w_down is not None:
-                        add_matmul(grads.w_down, d_pred.T, g, mm_dtype)
-                    d_gate_up = ops.swiglu_backward(matmul_acc(d_pred, w_down, mm_dtype, acc), gate_up)
-                    if grads.gate_up is not None:
-                        add_matmul(grads.gate_up, d_gate_up.T, h_n, mm_dtype)
-                    d_from_nitp = matmul_acc(d_gate_up, w_gate_up, mm_dtype, acc) if need_dh else None
+                    d_pred = d_pred.to(operand_dtype)  # once, for both matmuls (no-op off CUDA)
+                    d_g = matmul_acc(d_pred, w_down, mm_dtype, acc)
+                    d_gate_up = ops.swiglu_backward(d_g, gate_up).to(operand_dtype)
+                    if need_dh:
+                        d_from_nitp = matmul_acc(d_gate_up, w_gate_up, mm_dtype, acc)
                 else:
                     d_from_nitp = d_pred
+                if post_weight is not None:  # unweighted so far: take the norm, then weight by λ
+                    nitp_sq += d_from_nitp.square().sum()
+                    d_pred, d_from_nitp = d_pred * post_weight, d_from_nitp * post_weight
+                    d_gate_up = None if d_gate_up is None else d_gate_up * post_weight
+                    d_target = None if d_target is None else d_target * post_weight
+                if grads.w_down is not None:
+                    add_matmul(grads.w_down, d_pred.T, g, mm_dtype)
+                if grads.gate_up is not None:
+                    add_matmul(grads.gate_up, d_gate_up.T, h_n, mm_dtype)
                 if d_from_nitp is not None:
                     if d_h is None:
                         d_h = torch.zeros((end - start, d), dtype=acc, device=device)
                     d_h[:nitp_rows] += d_from_nitp
+            if d_target is not None:
+                grads.shallow[start + shift:start + shift + nitp_rows] = d_target
         if grads.hidden is not None:
             if d_h is None:
                 grads.hidden[start:end] = 0
@@ -187,7 +214,11 @@ def run_chunks(problem: Problem, ops: Any, wants: dict[str, bool]) -> tuple[list
         ce, z, nitp = ce_sum * ce_scale, z_sum * ce_scale, nitp_sum * nitp_scale
     else:
         ce, z, nitp = ce_sum, z_sum, nitp_sum
-    return [ce, nitp, z, n_ce, n_nitp], grads
+    if grad_norms:
+        norms = [ce_sq.sqrt(), nitp_sq.sqrt()]
+    else:
+        norms = [hidden.new_empty(0, dtype=acc), hidden.new_empty(0, dtype=acc)]
+    return [ce, nitp, z, n_ce, n_nitp, *norms], grads
 
 
 class FusedNITPFunction(torch.autograd.Function):
@@ -195,7 +226,7 @@ class FusedNITPFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, lm_weight, lm_bias, shallow, w_gate, w_up, w_down, problem, ops, wants):
-        (ce, nitp, z, n_ce, n_nitp), grads = run_chunks(problem, ops, wants)
+        (ce, nitp, z, n_ce, n_nitp, ce_norm, nitp_norm), grads = run_chunks(problem, ops, wants)
         opts = problem.options
         loss = ce + opts.nitp_weight * nitp + opts.z_loss_weight * z
 
@@ -220,8 +251,8 @@ class FusedNITPFunction(torch.autograd.Function):
         ctx.has = [t is not None for t in saved]
         ctx.save_for_backward(*[t for t in saved if t is not None])
         ctx.first_scale = None
-        ctx.mark_non_differentiable(ce, nitp, z, n_ce, n_nitp)
-        return loss, ce, nitp, z, n_ce, n_nitp
+        ctx.mark_non_differentiable(ce, nitp, z, n_ce, n_nitp, ce_norm, nitp_norm)
+        return loss, ce, nitp, z, n_ce, n_nitp, ce_norm, nitp_norm
 
     @staticmethod
     def backward(ctx, grad_loss, *unused):

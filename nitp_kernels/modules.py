@@ -52,12 +52,12 @@ class NITPLoss(nn.Module):
     def __init__(self, *, nitp_weight: float = 1.0, loss_type: str = "cosine", shift: int = 1,
                  stop_gradient: bool = True, ignore_index: int = -100, reduction: str = "mean",
                  label_smoothing: float = 0.0, z_loss_weight: float = 0.0, softcap: Optional[float] = None,
-                 chunk_size: Optional[int] = None, backend: str = "auto") -> None:
+                 chunk_size: Optional[int] = None, backend: str = "auto", return_grad_norms: bool = False) -> None:
         super().__init__()
         self.options = dict(nitp_weight=nitp_weight, loss_type=loss_type, shift=shift,
                             stop_gradient=stop_gradient, ignore_index=ignore_index, reduction=reduction,
                             label_smoothing=label_smoothing, z_loss_weight=z_loss_weight, softcap=softcap,
-                            chunk_size=chunk_size)
+                            chunk_size=chunk_size, return_grad_norms=return_grad_norms)
         validate_options(**self.options)  # fail at construction, not at the first step
         self.options["backend"] = backend
 

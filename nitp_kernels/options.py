@@ -35,6 +35,7 @@ class LossOptions:
     z_loss_weight: float = 0.0
     softcap: Optional[float] = None
     chunk_size: Optional[int] = None
+    return_grad_norms: bool = False
 
 
 @dataclass
@@ -69,6 +70,7 @@ def validate_options(
     *, nitp_weight: float = 1.0, loss_type: str = "cosine", shift: int = 1, stop_gradient: bool = True,
     ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
     z_loss_weight: float = 0.0, softcap: Optional[float] = None, chunk_size: Optional[int] = None,
+    return_grad_norms: bool = False,
 ) -> LossOptions:
     if not _is_number(nitp_weight) or not nitp_weight >= 0:
         raise ValueError(f"nitp_weight must be a number >= 0, got {nitp_weight!r}")
@@ -91,9 +93,11 @@ def validate_options(
     if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool)
                                    or chunk_size < 1):
         raise ValueError(f"chunk_size must be None or an int >= 1, got {chunk_size!r}")
+    if not isinstance(return_grad_norms, bool):
+        raise TypeError(f"return_grad_norms must be a bool, got {type(return_grad_norms).__name__}")
     return LossOptions(float(nitp_weight), loss_type, shift, stop_gradient, ignore_index, reduction,
                        float(label_smoothing), float(z_loss_weight),
-                       None if softcap is None else float(softcap), chunk_size)
+                       None if softcap is None else float(softcap), chunk_size, return_grad_norms)
 
 
 def _check_float_tensor(name: str, tensor: object) -> Tensor:
@@ -195,6 +199,9 @@ def build_problem(
         if tensor is not None and tensor.device != hidden.device:
             raise ValueError(f"{name} is on {tensor.device} but hidden is on {hidden.device}")
     _check_labels_range(labels, vocab, options.ignore_index)
+    if options.return_grad_norms and not (torch.is_grad_enabled() and hidden.requires_grad):
+        raise ValueError("return_grad_norms=True needs hidden to require grad (and grad mode on): the norms are "
+                         "those of d loss / d hidden")
 
     return Problem(
         hidden=hidden.reshape(n_rows, d), lm_weight=lm_weight, lm_bias=lm_bias,

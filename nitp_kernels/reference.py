@@ -36,8 +36,9 @@ def nitp_row_losses(pred: Tensor, target: Tensor, loss_type: str) -> Tensor:
     raise ValueError(f"unknown loss_type {loss_type!r}")
 
 
-def reference_losses(problem: Problem) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(loss, ce, nitp, z, n_ce, n_nitp) with autograd graphs on loss; see DESIGN.md section 3."""
+def reference_losses(problem: Problem) -> tuple[Tensor, ...]:
+    """(loss, ce, nitp, z, n_ce, n_nitp) with autograd graphs on loss; see DESIGN.md section 3.
+    With return_grad_norms, also ||d(ce + z_w·z)/d hidden|| and ||d nitp/d hidden|| by autograd."""
     opts = problem.options
     hidden = problem.hidden
     mm_dtype = hidden.dtype
@@ -81,4 +82,13 @@ def reference_losses(problem: Problem) -> tuple[Tensor, Tensor, Tensor, Tensor, 
     else:
         ce, z, nitp = ce_sum, z_sum, nitp_sum
     loss = ce + opts.nitp_weight * nitp + opts.z_loss_weight * z
-    return loss, ce.detach(), nitp.detach(), z.detach(), n_ce, n_nitp
+    outputs = (loss, ce.detach(), nitp.detach(), z.detach(), n_ce, n_nitp)
+    if opts.return_grad_norms:
+        norms = []
+        for term in (ce + opts.z_loss_weight * z, nitp):
+            grad = None
+            if term.requires_grad:
+                grad, = torch.autograd.grad(term, hidden, retain_graph=True, allow_unused=True)
+            norms.append(zero if grad is None else torch.linalg.vector_norm(grad.to(acc)).detach())
+        outputs += tuple(norms)
+    return outputs
