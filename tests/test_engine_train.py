@@ -154,3 +154,15 @@ def test_bitwise_deterministic_on_cpu(state_of, tmp_path):
         assert train_step(a, next_batches(a)) == train_step(b, next_batches(b))
     pa, pb = _params(a), _params(b)
     assert all(torch.equal(pa[n], pb[n]) for n in pa)
+
+
+def test_compiled_checkpointed_blocks_match_eager(state_of, tmp_path):
+    eager = state_of("tiny", steps=2, n_layers=2, out=str(tmp_path / "a"))
+    compiled = state_of("tiny", steps=2, n_layers=2, compile=True, activation_checkpointing=True,
+                        out=str(tmp_path / "b"))
+    for _ in range(2):
+        batches = next_batches(eager)
+        next_batches(compiled)
+        m1, m2 = train_step(eager, batches), train_step(compiled, batches)
+        for key in ("loss", "ce_loss", "nitp_loss", "grad_norm"):
+            assert m1[key] == pytest.approx(m2[key], rel=1e-5, abs=1e-6), key
