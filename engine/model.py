@@ -220,11 +220,14 @@ class OutputHead(nn.Module):
         self.projector = (NITPProjector(cfg.d_model, hidden_mult=cfg.nitp_projector_mult)
                           if cfg.objective == "nitp" and cfg.nitp_projector else None)
 
-    def forward(self, hidden: torch.Tensor, labels: torch.Tensor, shallow: torch.Tensor | None,
-                aux_weight: float, mode: str) -> OutputLosses:
-        """mode: "nitp" (fused NITP op), "ntp" (fused linear CE only) or "cosreg"."""
+    def forward(self, hidden: torch.Tensor, labels: torch.Tensor | None, shallow: torch.Tensor | None,
+                aux_weight: float, mode: str) -> OutputLosses | torch.Tensor:
+        """mode: "nitp" (fused NITP op), "ntp" (fused linear CE only), "cosreg", or "hidden"
+        (no loss: the normed last hidden states, e.g. for geometry metrics)."""
         cfg = self.cfg
         h = self.norm(hidden)
+        if mode == "hidden":
+            return h
         if mode == "nitp":
             out = fused_nitp_loss(
                 h, self.lm_head.weight, labels, shallow, self.projector, nitp_weight=aux_weight,
@@ -239,7 +242,7 @@ class OutputHead(nn.Module):
         if mode == "ntp":
             return OutputLosses(ce, ce_sum, ce_sum.new_zeros(()))
         if mode != "cosreg":
-            raise ValueError(f"mode must be 'nitp', 'ntp' or 'cosreg', got {mode!r}")
+            raise ValueError(f"mode must be 'nitp', 'ntp', 'cosreg' or 'hidden', got {mode!r}")
         penalty = mean_pairwise_cosine_per_sequence(h).sum()
         return OutputLosses(ce + aux_weight * penalty.to(ce.dtype), ce_sum, penalty.detach())
 
@@ -266,9 +269,15 @@ class NITPTransformer(nn.Module):
             else:
                 p.normal_(0.0, std)
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, doc_ids: torch.Tensor | None = None,
-                aux_weight: float = 0.0, mode: str | None = None) -> tuple[OutputLosses, torch.Tensor]:
-        """mode None: the config's objective. Returns (OutputLosses, summed MoE aux loss)."""
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+                doc_ids: torch.Tensor | None = None, aux_weight: float = 0.0,
+                mode: str | None = None) -> tuple[OutputLosses | torch.Tensor, torch.Tensor]:
+        """Returns (OutputLosses, summed MoE balance loss over MoE layers).
+
+        mode None: the config's objective; "ntp" / "cosreg" / "nitp" force one; "hidden" returns the
+        normed last hidden states instead of losses. Always call the model itself (not its
+        submodules) under FSDP2, so that every parameter is unsharded when it is used.
+        """
         mode = mode or self.cfg.objective
         target = self.cfg.nitp_layer if mode == "nitp" else None
         hidden, shallow, moe_aux = self.backbone(input_ids, target, doc_ids)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -50,7 +50,6 @@ class TrainState:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     data: DataBundle
     step: int = 0                       # optimizer steps completed
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def build_state(cfg: TrainConfig) -> TrainState:

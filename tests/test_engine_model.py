@@ -218,3 +218,13 @@ def test_document_mask_makes_each_document_independent():
             torch.testing.assert_close(packed[b, start:end], alone[0], rtol=1e-9, atol=1e-9)
         unmasked, _, _ = model.backbone(ids, None)
     assert not torch.allclose(unmasked[0, 6:], packed[0, 6:])
+
+
+def test_hidden_mode_returns_the_normed_states_that_feed_the_head():
+    cfg = make_config("tiny", **SMALL)
+    model = _model(cfg)
+    ids, _ = _batch(cfg)
+    with torch.no_grad():
+        h, _ = model(ids, mode="hidden")
+        last, _, _ = model.backbone(ids, None)
+    torch.testing.assert_close(h, model.output.norm(last), rtol=0, atol=0)
