@@ -30,7 +30,7 @@ def main(output_dir: str, max_steps: int = 3) -> Trainer:
                              save_strategy="no", report_to=[], use_cpu=True)
     trainer = Trainer(model=model, args=args, train_dataset=data)
     trainer.train()
-    print("last step:", {k: float(v) for k, v in model.nitp_last_output._asdict().items()})
+    print("last step:", {k: float(v) for k, v in model.nitp_last_output._asdict().items() if v is not None})
     save_pretrained_without_nitp(model, f"{output_dir}/final")  # loads back with LlamaForCausalLM
     return trainer
 
