@@ -135,3 +135,57 @@ def assert_low_precision_rule(got, ref_lowp, truth, what: str, slack: float = 1e
     theirs = (ref_lowp.double() - truth.double()).abs().max().item()
     bound = theirs + slack * truth.double().abs().max().item()
     assert ours <= bound + 1e-12, f"{what}: error {ours:.3e} > reference's {theirs:.3e} + slack"
+
+
+OUTPUT_NAMES = ["loss", "ce_loss", "nitp_loss", "z_loss"]
+
+
+def case_id(case: dict) -> str:
+    return "-".join(f"{k}={v}" for k, v in case.items())
+
+
+def leaf_names(inputs: OpInputs) -> list[str]:
+    """Names of inputs.leaves(), in order."""
+    names = ["hidden", "lm_weight", "shallow"]
+    if inputs.lm_bias is not None:
+        names.append("lm_bias")
+    if inputs.projector is not None:
+        names += ["w_gate", "w_up", "w_down"]
+    return names
+
+
+def check_against_reference(inputs: OpInputs, backend: str, tol: float) -> None:
+    """Outputs, counts and every gradient of `backend` equal the reference's within relative error `tol`."""
+    want_out, want_grads = run_op(inputs, "reference")
+    got_out, got_grads = run_op(inputs, backend)
+    for name, got, want in zip(OUTPUT_NAMES, got_out[:4], want_out[:4]):
+        assert got.dtype == want.dtype
+        assert_close_rel(got, want, tol, name)
+    assert torch.equal(got_out[4], want_out[4]) and torch.equal(got_out[5], want_out[5]), "counts differ"
+    for name, got, want in zip(leaf_names(inputs), got_grads, want_grads):
+        assert (got is None) == (want is None), f"d{name}: one backend gives no gradient"
+        if got is not None:
+            assert got.dtype == want.dtype and torch.isfinite(got).all(), f"d{name}"
+            assert_close_rel(got, want, tol, f"d{name}")
+
+
+def check_low_precision(inputs: OpInputs, dtype: torch.dtype, backend: str) -> None:
+    """DESIGN.md's rule in `dtype` against the fp64 truth computed from exactly the rounded inputs.
+
+    The gradients are formed in forward and stored in `dtype`; backward's scaling by a grad_output other than
+    1 rounds them a second time (the scheme of Liger's FLCE). That one extra rounding, at most half an ulp
+    (eps/2) of the largest value, is added to the slack; with grad_output 1 the plain rule holds.
+    """
+    lowp = inputs.cast(dtype)
+    truth_out, truth_grads = run_op(lowp.cast(torch.float64), "reference")
+    ref_out, ref_grads = run_op(lowp, "reference")
+    got_out, got_grads = run_op(lowp, backend)
+    for name, got, ref, truth in zip(OUTPUT_NAMES, got_out[:4], ref_out[:4], truth_out[:4]):
+        assert got.dtype == torch.float32, f"{name} must be in the accumulation dtype"
+        assert_low_precision_rule(got, ref, truth, name)
+    slack = 1e-3 + (torch.finfo(dtype).eps / 2 if inputs.grad_scale != 1.0 else 0.0)
+    for name, got, ref, truth in zip(leaf_names(lowp), got_grads, ref_grads, truth_grads):
+        assert (got is None) == (truth is None)
+        if got is not None:
+            assert got.dtype == dtype, f"d{name} must be in its input's dtype"
+            assert_low_precision_rule(got, ref, truth, f"d{name}", slack)
