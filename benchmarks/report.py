@@ -47,7 +47,9 @@ def op_table(op: dict) -> str:
                      f"peak {_fmt(r['nitp_over_ntp_peak_memory'], '.3f')}")
         lines.append(f"    g vs fastest NTP-only ({r['best_ntp_method']}): {_fmt(r['nitp_over_best_ntp_time'], '.3f')}; "
                      f"vs fastest other library/peer ({r['best_other_ntp_method']}): "
-                     f"{_fmt(r['nitp_over_best_other_ntp_time'], '.3f')}")
+                     f"{_fmt(r['nitp_over_best_other_ntp_time'], '.3f')}; vs fastest NTP keeping less than "
+                     f"the logits for backward ({r['best_low_memory_ntp_method']}): "
+                     f"{_fmt(r['nitp_over_best_low_memory_ntp_time'], '.3f')}")
         bad = [group for group, check in shape["loss_check"].items() if not check["agree"]]
         if bad:
             lines.append(f"    WARNING: losses disagree within {bad} (see loss_check in the JSON)")

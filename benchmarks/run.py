@@ -5,6 +5,10 @@
     python -m benchmarks.run --only paper    # just the theoretical table
     python -m benchmarks.run --n 2048 --d 512 1024 --vocab 32000   # a grid of your own
 
+Cost on a 2-core CPU (AMD EPYC, shared): --quick ~3 min with --threads 1; the full CPU grid is ~1.7e13 FLOPs
+per method and repetition (hours: pick a sub-grid with --n/--d/--vocab). A cold torch.compile cache adds ~30 s
+per compiled method (CCE's CPU path, the compiled chunked CE) the first time.
+
 Every timed figure is the median of >= 5 interleaved repetitions after warm-up, all methods side by side in
 this one process on the same inputs. Writes OUT/bench-<UTC stamp>.json and .png plus OUT/latest.json/.png.
 --smoke (for the test suite) shrinks everything to seconds; its figures mean nothing, its plumbing is checked.
@@ -30,6 +34,17 @@ from benchmarks.step_bench import STEP_CONFIGS, run_step_bench
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 PARTS = ("op", "step", "paper")
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _spent(mark: tuple[float, float, float]) -> dict:
+    """Wall and CPU seconds (this process + finished subprocesses) since mark."""
+    return {"wall_s": time.perf_counter() - mark[0],
+            "cpu_s": time.process_time() - mark[1] + _children_cpu() - mark[2]}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -81,7 +96,9 @@ def main(argv: list[str] | None = None) -> int:
 
     if "paper" in args.only:
         result["paper_table"] = paper_table()
+    parts: dict[str, dict] = {}
     if "op" in args.only:
+        mark = (time.perf_counter(), time.process_time(), _children_cpu())
         grid = grid_for(device, mode)
         grid.reps = args.reps
         for name, attr in (("n", "ns"), ("d", "ds"), ("vocab", "vocabs")):
@@ -90,7 +107,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.methods:
             grid.methods = list(args.methods)
         result["op"] = run_op_bench(grid, device, log=log)
+        parts["op"] = _spent(mark)
     if "step" in args.only:
+        mark = (time.perf_counter(), time.process_time(), _children_cpu())
         peak = measured_peak_flops(device, size=512 if args.smoke else 2048) if device.type == "cpu" else None
         if device.type == "cuda":
             from engine.metrics import peak_flops_per_device
@@ -99,10 +118,10 @@ def main(argv: list[str] | None = None) -> int:
         configs = args.step_configs or (["tiny"] if args.smoke else ["tiny", "small"])
         result["step"] = run_step_bench(configs, reps=args.reps, warmup=1 if args.smoke else 2, smoke=args.smoke,
                                         peak_flops=peak, log=log)
+        parts["step"] = _spent(mark)
 
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     result["cost"] = {"wall_s": time.perf_counter() - began_wall, "cpu_s_this_process": time.process_time() - began_cpu,
-                      "cpu_s_children": usage.ru_utime + usage.ru_stime,
+                      "cpu_s_children": _children_cpu(), "parts": parts,
                       "load_average_1m_at_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
     print()
     for part, text in (("op", op_table), ("step", step_table), ("paper_table", paper_table_text)):
