@@ -90,6 +90,13 @@ class TrainConfig:
     out: str = "runs/nitp"
     log_every: int = 10
     peak_tflops: float | None = None  # per device, for MFU; None = known GPUs only (else mfu null)
+    # --- checkpoints and faults (engine/checkpoint.py) ---
+    ckpt_every: int = 0            # save every N steps (0: only at the end of the run)
+    resume: str | None = None      # "auto" (newest complete checkpoint in --out) or a path
+    keep_last: int = 2             # complete checkpoints kept (0: all)
+    max_bad_steps: int = 5         # stop after this many consecutive non-finite steps (0: never)
+    async_ckpt: bool = False       # dcp.async_save: training continues while the files are written
+    init_from_hf: str | None = None  # start from a Hugging Face checkpoint folder (engine/export.py)
 
     @property
     def head_dim(self) -> int:
@@ -195,6 +202,10 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     _check(0.0 <= cfg.val_fraction < 1.0, f"val_fraction must be in [0, 1), got {cfg.val_fraction}")
     _check(cfg.peak_tflops is None or cfg.peak_tflops > 0,
            f"peak_tflops must be positive or None, got {cfg.peak_tflops}")
+    for name in ("ckpt_every", "keep_last", "max_bad_steps"):
+        _check(getattr(cfg, name) >= 0, f"{name} must be >= 0, got {getattr(cfg, name)}")
+    _check(cfg.resume is None or (isinstance(cfg.resume, str) and cfg.resume != ""),
+           f"resume must be 'auto' or a checkpoint path, got {cfg.resume!r}")
     _check(cfg.loss_chunk_size is None or cfg.loss_chunk_size > 0,
            f"loss_chunk_size must be positive or None, got {cfg.loss_chunk_size}")
     _check(world_size > 0, f"world_size must be positive, got {world_size}")
