@@ -22,6 +22,8 @@ outer loop (logging, evaluation).
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +32,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
+from engine.checkpoint import (Checkpointer, StopSignals, debug_nan_steps, debug_signal_after,
+                               truncate_metrics)
 from engine.config import TrainConfig, gradient_accumulation_steps, validate
 from engine.data import IGNORE_INDEX, DataBundle, build_data
 from engine.flops import training_flops_per_token
@@ -50,6 +54,8 @@ class TrainState:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     data: DataBundle
     step: int = 0                       # optimizer steps completed
+    bad_steps: int = 0                  # steps skipped for a non-finite loss or grad norm
+    consecutive_bad_steps: int = 0
 
 
 def build_state(cfg: TrainConfig) -> TrainState:
@@ -108,7 +114,7 @@ def train_step(state: TrainState, batches: list[dict[str, torch.Tensor]]) -> dic
     lam = cfg.nitp_weight if mode in ("nitp", "cosreg") else 0.0
     if mode == "nitp":
         aux_weight = lam * n_ce / n_nitp if n_nitp > 0 else 0.0
-        aux_count = n_nitp
+        aux_count = max(n_nitp, 1)
     elif mode == "cosreg":
         aux_weight, aux_count = lam * n_ce / n_seq, n_seq
     else:
@@ -117,26 +123,40 @@ def train_step(state: TrainState, batches: list[dict[str, torch.Tensor]]) -> dic
     moe_scale = cfg.moe_aux_weight / len(batches) if cfg.is_moe else 0.0
 
     sums = torch.zeros(4, dtype=torch.float64, device=info.device)  # loss, ce, aux, moe balance
+    poison = state.step + 1 in debug_nan_steps()  # fault-injection test hook (engine/checkpoint.py)
     for batch in batches:
         b = _to_device(batch, info.device)
         out, balance = model(b["input_ids"], b["labels"], b.get("doc_ids"), aux_weight=aux_weight, mode=mode)
         loss = out.loss * scale
         if moe_scale:
             loss = loss + balance * moe_scale
+        if poison:
+            loss = loss * float("nan")
         loss.backward()
         sums += torch.stack([out.loss.detach(), out.ce_sum, out.aux_sum, balance.detach()]).double()
+    if poison:
+        sums += float("nan")
 
     params = [p for p in model.parameters() if p.grad is not None]
     max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
     grad_norm = _full(torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True))
     lr = state.optimizer.param_groups[0]["lr"]
-    state.optimizer.step()
+    dist.all_reduce(sums)  # before the update: every rank must agree on skipping a bad step
+    loss_sum, ce_sum, aux_sum, balance_sum = sums.tolist()
+    # A non-finite loss or grad norm skips the update (weights and Adam moments untouched); the
+    # step still counts: its data is consumed and the LR schedule advances, so lr(step) and the
+    # loader position stay what they are in a run without faults.
+    skipped = not (math.isfinite(loss_sum) and math.isfinite(float(grad_norm)))
+    if skipped:
+        state.bad_steps += 1
+        state.consecutive_bad_steps += 1
+    else:
+        state.optimizer.step()
+        state.consecutive_bad_steps = 0
     state.optimizer.zero_grad(set_to_none=True)
     state.scheduler.step()
     state.step += 1
 
-    dist.all_reduce(sums)
-    loss_sum, ce_sum, aux_sum, balance_sum = sums.tolist()
     moe_balance = balance_sum / (len(batches) * info.world_size)
     metrics = {
         "loss": loss_sum / max(n_ce, 1) + (cfg.moe_aux_weight * moe_balance if cfg.is_moe else 0.0),
@@ -147,6 +167,8 @@ def train_step(state: TrainState, batches: list[dict[str, torch.Tensor]]) -> dic
         "grad_norm": float(grad_norm),
         "n_ce": n_ce,
         "n_nitp": n_nitp if mode == "nitp" else 0,
+        "skipped": skipped,
+        "bad_steps": state.bad_steps,
     }
     if mode == "cosreg":
         metrics["cosreg_penalty"] = aux_sum / aux_count
@@ -188,7 +210,17 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     """Train cfg.steps steps, writing config.json and metrics.jsonl to cfg.out; returns the last record."""
     state = build_state(cfg)
     cfg, info = state.cfg, state.dist
+    ckpt, stop = Checkpointer(cfg, info), StopSignals()
+    try:
+        if cfg.resume:
+            ckpt.resume(state)
+            if info.is_main:
+                truncate_metrics(os.path.join(cfg.out, "metrics.jsonl"), state.step)
+    except BaseException:
+        close_distributed(info)
+        raise
     logger = RunLogger(cfg.out, cfg.steps, enabled=info.is_main, start_step=state.step)
+    stop.install()
     try:
         logger.write_config({**cfg.to_dict(), **state.data.info, "world_size": info.world_size,
                              "n_params": state.model.num_params(),
@@ -205,7 +237,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
             logger.advance()
             step = state.step
             do_eval = cfg.eval_every > 0 and (step % cfg.eval_every == 0 or step == cfg.steps)
-            if step % cfg.log_every == 0 or step == cfg.steps or step == 1 or do_eval:
+            if step % cfg.log_every == 0 or step == cfg.steps or step == 1 or do_eval or metrics["skipped"]:
                 _sync(info.device)
                 elapsed = time.perf_counter() - t_last
                 tokens_per_s = steps_since * tokens_per_step / elapsed
@@ -218,7 +250,25 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                 logger.log(record)
                 _sync(info.device)
                 t_last, steps_since = time.perf_counter(), 0
+            if cfg.max_bad_steps and state.consecutive_bad_steps >= cfg.max_bad_steps:
+                ckpt.finalize()
+                raise SystemExit(
+                    f"error: {state.consecutive_bad_steps} consecutive steps (up to step {step}) had a "
+                    f"non-finite loss or gradient norm (--max-bad-steps {cfg.max_bad_steps}); stopping. "
+                    f"Last good checkpoint: step {ckpt.last_saved_step} in {ckpt.root}")
+            if cfg.ckpt_every and step % cfg.ckpt_every == 0 and not metrics["skipped"]:
+                ckpt.save(state)
+            debug_signal_after(step)  # fault-injection test hook
+            if stop.requested(info.device):
+                break
+        if ckpt.last_saved_step != state.step:
+            ckpt.save(state)  # the end of the run, or a stop signal
+        ckpt.finalize()
+        if stop.received and info.is_main:
+            print(f"received {stop.received}: saved a checkpoint at step {state.step} in {ckpt.root}; "
+                  "exiting (continue with --resume auto)", flush=True)
     finally:
+        stop.restore()
         logger.close()
         close_distributed(info)
     if info.is_main:
