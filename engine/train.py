@@ -12,6 +12,11 @@ Every config field is a flag (``--field-name value``); see engine/config.py.
 import os
 import sys
 
+# OpenMP threads that busy-wait at every op's barrier collapse throughput when the cores are
+# shared (measured on a loaded 2-core box: 125 tokens/s spinning, ~900 passive, 1090 one thread).
+# Must be set before torch loads libgomp; an explicit setting by the user wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

@@ -37,6 +37,7 @@ from engine.checkpoint import (Checkpointer, StopSignals, debug_nan_steps, debug
 from engine.config import TrainConfig, gradient_accumulation_steps, validate
 from engine.data import IGNORE_INDEX, DataBundle, build_data
 from engine.flops import training_flops_per_token
+from engine.geometry import GeometryProbe
 from engine.metrics import RunLogger, peak_flops_per_device, peak_memory_bytes
 from engine.model import NITPTransformer
 from engine.optim import build_optimizer, build_scheduler
@@ -229,6 +230,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         peak = peak_flops_per_device(cfg.peak_tflops, info.device)
         tokens_per_step = cfg.batch_size * cfg.seq_len
         record: dict[str, Any] = {}
+        probe = GeometryProbe(cfg, state.data, info.rank, info.device) if cfg.geometry_every else None
         _sync(info.device)
         t_last, steps_since = time.perf_counter(), 0
         while state.step < cfg.steps:
@@ -237,7 +239,9 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
             logger.advance()
             step = state.step
             do_eval = cfg.eval_every > 0 and (step % cfg.eval_every == 0 or step == cfg.steps)
-            if step % cfg.log_every == 0 or step == cfg.steps or step == 1 or do_eval or metrics["skipped"]:
+            do_geometry = probe is not None and (step % cfg.geometry_every == 0 or step in (1, cfg.steps))
+            if (step % cfg.log_every == 0 or step == cfg.steps or step == 1 or do_eval or do_geometry
+                    or metrics["skipped"]):
                 _sync(info.device)
                 elapsed = time.perf_counter() - t_last
                 tokens_per_s = steps_since * tokens_per_step / elapsed
@@ -247,6 +251,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                           "tokens_seen": step * tokens_per_step}
                 if do_eval:
                     record["val_ce"] = evaluate(state)
+                if do_geometry:  # like evaluation, outside the timed interval
+                    record.update(probe.measure(state.model))
                 logger.log(record)
                 _sync(info.device)
                 t_last, steps_since = time.perf_counter(), 0
