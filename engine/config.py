@@ -79,6 +79,8 @@ class TrainConfig:
     doc_mask: bool = False
     eval_every: int = 0
     eval_batches: int = 4          # validation micro-batches per evaluation, over all ranks
+    geometry_every: int = 0        # effective rank / avg cosine / grad-norm ratio every N steps (0: off)
+    geometry_tokens: int = 1024    # size of the fixed token sample they are measured on
     val_fraction: float = 0.01
     data_cache_dir: str = ".cache/nitp-data"
     # --- system ---
@@ -174,8 +176,9 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden", "steps",
                  "batch_size", "micro_batch_size", "seq_len", "log_every", "nitp_projector_mult"):
         _check(getattr(cfg, name) > 0, f"{name} must be positive, got {getattr(cfg, name)}")
-    for name in ("warmup_steps", "eval_every", "eval_batches", "nitp_start_step", "weight_decay",
-                 "moe_aux_weight", "z_loss_weight", "grad_clip", "n_dense_layers"):
+    _check(cfg.geometry_tokens >= 2, f"geometry_tokens must be >= 2, got {cfg.geometry_tokens}")
+    for name in ("warmup_steps", "eval_every", "eval_batches", "geometry_every", "nitp_start_step",
+                 "weight_decay", "moe_aux_weight", "z_loss_weight", "grad_clip", "n_dense_layers"):
         _check(getattr(cfg, name) >= 0, f"{name} must be >= 0, got {getattr(cfg, name)}")
     _check(cfg.d_model % cfg.n_heads == 0,
            f"n_heads={cfg.n_heads} does not divide d_model={cfg.d_model}")
