@@ -156,6 +156,7 @@ def test_bitwise_deterministic_on_cpu(state_of, tmp_path):
     assert all(torch.equal(pa[n], pb[n]) for n in pa)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 def test_compiled_checkpointed_blocks_match_eager(state_of, tmp_path):
     eager = state_of("tiny", steps=2, n_layers=2, out=str(tmp_path / "a"))
     compiled = state_of("tiny", steps=2, n_layers=2, compile=True, activation_checkpointing=True,
