@@ -107,11 +107,12 @@ def chart(result: dict, path: Path) -> None:
     ax = axes[0]
     xs = range(len(labels))
     ax.bar([x - 0.2 for x in xs], measured, width=0.4, label="measured (time)")
-    ax.bar([x + 0.2 for x in xs], theory, width=0.4, label="theoretical (FLOPs)")
+    ax.bar([x + 0.2 for x in xs], theory, width=0.4, label="theoretical (op: 1+12d/V; step: full-count FLOPs)")
     ax.set_xticks(list(xs), labels, fontsize=7)
     ax.set_ylabel("NITP overhead over NTP (%)")
     env = result["environment"]
-    ax.set_title(f"measured on {env.get('gpu') or env['cpu_model']} ({env['cpu_cores']} cores)", fontsize=9)
+    ax.set_title(f"measured on {env.get('gpu') or env['cpu_model']} ({env['cpu_cores']} cores, "
+                 f"{env['torch_threads']} torch threads), {env['date_utc'][:10]}", fontsize=9)
     ax.axhline(0, color="black", linewidth=0.5)
     ax.legend(fontsize=8)
     ax = axes[1]
