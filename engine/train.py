@@ -6,7 +6,12 @@
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 \
         engine/train.py --preset moe-9b-a1b                          # many nodes
 
-Every config field is a flag (``--field-name value``); see engine/config.py.
+Every config field is a flag (``--field-name value``); see engine/config.py. Checkpoints:
+
+    python engine/train.py --preset tiny --out runs/demo --ckpt-every 100   # + at the end of the run
+    python engine/train.py --preset tiny --out runs/demo --resume auto     # continue the newest one
+    python engine/train.py --preset tiny --init-from-hf HF_DIR             # start from a HF checkpoint
+    python -m engine.export runs/demo runs/demo-hf                        # -> AutoModelForCausalLM
 """
 
 import os
@@ -26,9 +31,14 @@ from engine.config import parse_cli  # noqa: E402
 def main(argv: list[str] | None = None) -> None:
     # torchrun announces the world size in the environment: validate against it before any work.
     cfg = parse_cli(argv, world_size=int(os.environ.get("WORLD_SIZE", "1")))
-    from engine.trainer import run  # heavy imports only after the flags are known to be valid
+    from engine.checkpoint import CheckpointError  # heavy imports only after the flags are known to be valid
+    from engine.export import HFImportError
+    from engine.trainer import run
 
-    run(cfg)
+    try:
+        run(cfg)
+    except (CheckpointError, HFImportError) as exc:  # an unusable checkpoint: the message, no traceback
+        raise SystemExit(f"error: {exc}") from None
 
 
 if __name__ == "__main__":

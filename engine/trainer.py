@@ -63,14 +63,23 @@ def build_state(cfg: TrainConfig) -> TrainState:
     """Join the process group, open the data, build and shard the model, make the optimizer."""
     info = init_distributed(cfg)
     try:
+        hf_weights = None
+        if cfg.init_from_hf:  # continued pre-training from a Hugging Face checkpoint
+            from engine.export import HFImportError, config_from_hf, load_hf_weights
+            cfg, hf_weights = config_from_hf(cfg)
         validate(cfg, info.world_size)
         data = build_data(cfg, rank=info.rank, world_size=info.world_size)
-        if data.vocab_size != cfg.vocab_size:
+        if hf_weights is not None and data.vocab_size > cfg.vocab_size:
+            raise HFImportError(f"--init-from-hf: the data's vocabulary ({data.vocab_size}) is larger than the "
+                             f"model's ({cfg.vocab_size})")
+        if data.vocab_size != cfg.vocab_size and hf_weights is None:  # HF models may pad theirs
             cfg = dataclasses.replace(cfg, vocab_size=data.vocab_size)
             validate(cfg, info.world_size)
         torch.manual_seed(cfg.seed)  # same initial weights on every rank, for any world size
         with torch.device(info.device):
             model = NITPTransformer(cfg)
+        if hf_weights is not None:
+            load_hf_weights(model, hf_weights)  # the projector keeps its fresh initialisation
         parallelize(model, cfg, info)
         optimizer = build_optimizer(model, cfg)
         return TrainState(cfg, info, model, optimizer, build_scheduler(optimizer, cfg), data)
