@@ -1,8 +1,8 @@
 """Representation geometry during training (paper Appendix D), on a fixed sample of tokens.
 
 Every ``--geometry-every`` steps the loop calls ``GeometryProbe.measure``: one no-grad forward of
-the model on the same held-out tokens (the first validation windows, else the first training
-windows, read without moving the training loader), then
+the model on the same held-out tokens (windows spread over the validation split, else the
+training split, read without moving the training loader), then
 
 - eff_rank_last / avg_cos_last: effective rank and average pairwise cosine of the last hidden
   states after the final norm, as fed to the LM head (the model's mode="hidden");
@@ -25,6 +25,7 @@ import time
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from engine.config import TrainConfig
@@ -37,32 +38,37 @@ def _full(x: torch.Tensor) -> torch.Tensor:
     return x.full_tensor() if isinstance(x, DTensor) else x
 
 
-def fixed_sample(cfg: TrainConfig, data: DataBundle, rank: int) -> list[dict[str, torch.Tensor]]:
+def fixed_sample(cfg: TrainConfig, data: DataBundle, rank: int,
+                 world_size: int = 1) -> list[dict[str, torch.Tensor]]:
     """This rank's micro-batches holding at least cfg.geometry_tokens positions (same on every call).
 
-    Validation windows when there is a validation split (every rank gets the same number of
-    batches), else this rank's first training windows in stream order, without touching the
-    training loader's position.
+    Windows spread evenly over the validation split (the training split when there is none), so
+    the sample spans many documents, as the paper's mini-batches do; read straight from the token
+    stream, so the training loader's position never moves. Every rank gets the same number of
+    batches (the forwards hold collectives) and its own windows.
     """
     per_batch = cfg.micro_batch_size * cfg.seq_len
     n_batches = max(1, math.ceil(cfg.geometry_tokens / per_batch))
-    if data.val is not None:
-        return list(data.val.batches(n_batches))
-    train = data.train
-    batches = []
-    for b in range(n_batches):
-        windows = (rank * n_batches + b) * cfg.micro_batch_size + np.arange(cfg.micro_batch_size)
-        starts = (windows % train.n_windows) * cfg.seq_len
-        batches.append(make_batch(train.stream, starts, cfg.seq_len, train.doc_mask, train.pad_id))
-    return batches
+    source = data.val if data.val is not None else data.train
+    stream = source.stream
+    n_windows = max(1, (stream.n_tokens - 1) // cfg.seq_len)
+    n_rows = n_batches * cfg.micro_batch_size
+    spread = np.linspace(0, n_windows - 1, n_rows * world_size).round().astype(np.int64)
+    mine = spread[rank * n_rows:(rank + 1) * n_rows] * cfg.seq_len
+    return [make_batch(stream, mine[b * cfg.micro_batch_size:(b + 1) * cfg.micro_batch_size], cfg.seq_len,
+                       source.doc_mask, source.pad_id)
+            for b in range(n_batches)]
 
 
 class GeometryProbe:
     """Holds the fixed sample for a run and measures its geometry (see the module docstring)."""
 
-    def __init__(self, cfg: TrainConfig, data: DataBundle, rank: int, device: torch.device):
+    def __init__(self, cfg: TrainConfig, data: DataBundle, rank: int, device: torch.device,
+                 world_size: int | None = None):
         self.cfg, self.rank, self.device = cfg, rank, device
-        self.batches = fixed_sample(cfg, data, rank)
+        if world_size is None:
+            world_size = dist.get_world_size() if dist.is_initialized() else 1
+        self.batches = fixed_sample(cfg, data, rank, world_size)
 
     def _target_module(self, model: torch.nn.Module) -> torch.nn.Module:
         k = self.cfg.nitp_layer
