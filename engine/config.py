@@ -59,7 +59,7 @@ class TrainConfig:
     backend: str = "auto"          # nitp_kernels backend
     loss_chunk_size: int | None = None  # rows per chunk of the fused loss; None = the op's rule
     # --- optimisation ---
-    steps: int = 300
+    steps: int = 250
     batch_size: int = 4            # global sequences per optimizer step
     micro_batch_size: int = 4      # sequences per rank per forward
     seq_len: int = 256
