@@ -15,7 +15,7 @@ from engine.parallel import close_distributed
 from engine.trainer import build_state, next_batches, run, train_step
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RUN = dict(vocab_size=256, seq_len=32, micro_batch_size=2, batch_size=4, warmup_steps=2, log_every=1)
+RUN = dict(data="synthetic", vocab_size=256, seq_len=32, micro_batch_size=2, batch_size=4, warmup_steps=2, log_every=1)
 
 
 @pytest.fixture(autouse=True)
@@ -102,7 +102,7 @@ def _cli(args, out, env_extra=None, launcher=()):
     return proc, [json.loads(line) for line in lines]
 
 
-FLAGS = ["--vocab-size", "256", "--seq-len", "32", "--batch-size", "4", "--micro-batch-size", "2", "--steps", "5",
+FLAGS = ["--data", "synthetic", "--vocab-size", "256", "--seq-len", "32", "--batch-size", "4", "--micro-batch-size", "2", "--steps", "5",
          "--log-every", "1", "--warmup-steps", "2", "--eval-every", "5", "--eval-batches", "2"]
 
 
