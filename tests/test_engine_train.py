@@ -102,8 +102,9 @@ def _cli(args, out, env_extra=None, launcher=()):
     return proc, [json.loads(line) for line in lines]
 
 
-FLAGS = ["--data", "synthetic", "--vocab-size", "256", "--seq-len", "32", "--batch-size", "4", "--micro-batch-size", "2", "--steps", "5",
-         "--log-every", "1", "--warmup-steps", "2", "--eval-every", "5", "--eval-batches", "2"]
+FLAGS = ["--data", "synthetic", "--vocab-size", "256", "--seq-len", "32", "--batch-size", "4",
+         "--micro-batch-size", "2", "--steps", "5", "--log-every", "1", "--warmup-steps", "2",
+         "--eval-every", "5", "--eval-batches", "2"]
 
 
 def test_torchrun_two_processes_equal_one_process(tmp_path, capsys):
