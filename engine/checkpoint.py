@@ -332,6 +332,27 @@ class Checkpointer:
             for _, path in list_checkpoints(self.root)[:-self.cfg.keep_last]:
                 shutil.rmtree(path, ignore_errors=True)
 
+    def start(self, state: Any) -> Path | None:
+        """Resume if cfg.resume asks to, then retire this run's checkpoints newer than the start.
+
+        Newer ones belong to a timeline this run abandons (a fresh run in an old --out, an explicit
+        --resume of an older step, or corrupt saves that were skipped): they are renamed
+        ``superseded_step_*``, never deleted, so that a later ``--resume auto`` cannot jump to them.
+        """
+        used = self.resume(state) if self.cfg.resume else None
+        if self.info.is_main:
+            newer = [p for s, p in list_checkpoints(self.root) if s > state.step]
+            newer += [p for p in self.root.glob("step_*.tmp") if _step_of(p) > state.step]
+            for path in newer:
+                target = path.with_name("superseded_" + path.name)
+                shutil.rmtree(target, ignore_errors=True)
+                path.rename(target)
+            if newer:
+                warnings.warn(f"{len(newer)} checkpoint(s) in {self.root} newer than step {state.step} were "
+                              f"renamed superseded_step_* (this run starts at step {state.step})", stacklevel=2)
+        self._barrier()
+        return used
+
     def resume(self, state: Any) -> Path | None:
         """Restore ``state`` from cfg.resume; returns the checkpoint used (None: nothing to resume).
 

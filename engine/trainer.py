@@ -70,8 +70,8 @@ def build_state(cfg: TrainConfig) -> TrainState:
         validate(cfg, info.world_size)
         data = build_data(cfg, rank=info.rank, world_size=info.world_size)
         if hf_weights is not None and data.vocab_size > cfg.vocab_size:
-            raise HFImportError(f"--init-from-hf: the data's vocabulary ({data.vocab_size}) is larger than the "
-                             f"model's ({cfg.vocab_size})")
+            raise HFImportError(f"--init-from-hf: the data's vocabulary ({data.vocab_size}) is larger than "
+                                f"the model's ({cfg.vocab_size})")
         if data.vocab_size != cfg.vocab_size and hf_weights is None:  # HF models may pad theirs
             cfg = dataclasses.replace(cfg, vocab_size=data.vocab_size)
             validate(cfg, info.world_size)
@@ -222,10 +222,9 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     cfg, info = state.cfg, state.dist
     ckpt, stop = Checkpointer(cfg, info), StopSignals()
     try:
-        if cfg.resume:
-            ckpt.resume(state)
-            if info.is_main:
-                truncate_metrics(os.path.join(cfg.out, "metrics.jsonl"), state.step)
+        ckpt.start(state)  # resume if asked (--resume); set aside checkpoints newer than the start
+        if cfg.resume and info.is_main:
+            truncate_metrics(os.path.join(cfg.out, "metrics.jsonl"), state.step)
     except BaseException:
         close_distributed(info)
         raise

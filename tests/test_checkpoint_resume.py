@@ -94,26 +94,45 @@ def test_sigkill_after_checkpoint_then_resume_skips_broken_checkpoints(reference
     with pytest.warns(UserWarning, match="skipping checkpoint .*step_00000025"):
         run(make_config("tiny", **SMALL, out=str(tmp_path), resume="auto"))
     assert_same(rows(tmp_path), reference)  # across processes too: bitwise
+    # The skipped saves are set aside (not deleted), so keep_last=2 keeps two good ones: 20 and 40.
+    assert steps_of(tmp_path) == [20, 40]
+    assert sorted(p.name for p in root.glob("superseded_*")) == ["superseded_step_00000025",
+                                                                 "superseded_step_00000030.tmp"]
 
 
-def _torchrun(args, timeout=240):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "engine/train.py",
-           *args]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    return proc
+# Under torchrun: one 40-step reference run that saves at step 20, then a fresh TrainState in the same
+# two processes resumed from a copy of that checkpoint (one torchrun start instead of two).
+DRIVER = """
+import json, shutil, sys
+import torch, torch.distributed as dist
+sys.path.insert(0, sys.argv[1])
+torch.set_num_threads(1)
+dist.init_process_group("gloo")
+from engine.config import make_config
+from engine.trainer import run
+small, root = json.loads(sys.argv[2]), sys.argv[3]
+run(make_config("tiny", **small, out=root + "/ref", ckpt_every=20, keep_last=0))
+if dist.get_rank() == 0:
+    shutil.copytree(root + "/ref/checkpoints/step_00000020", root + "/two/checkpoints/step_00000020")
+dist.barrier()
+run(make_config("tiny", **small, out=root + "/two", resume="auto"))
+dist.destroy_process_group()
+"""
 
 
 def test_two_fsdp_processes_resume_and_resume_on_one_process(tmp_path):
-    ref = tmp_path / "ref"
-    _torchrun(flags(ckpt_every=20, keep_last=0, out=ref))
-    want = rows(ref)
-    for name in ("two", "one"):
-        shutil.copytree(ref / "checkpoints" / "step_00000020", tmp_path / name / "checkpoints" / "step_00000020")
-    proc = _torchrun(flags(resume="auto", out=tmp_path / "two"))
+    (tmp_path / "driver.py").write_text(DRIVER)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(tmp_path / "driver.py"), REPO, json.dumps(SMALL), str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "resumed from" in proc.stdout
+    want = rows(tmp_path / "ref")
+    assert json.loads((tmp_path / "ref" / "config.json").read_text())["world_size"] == 2
     assert_same(rows(tmp_path / "two"), want[20:], tol=1e-6)
     # Saved by two ranks, resumed by one: DCP reshards the FSDP2 parameters and Adam moments.
+    step20 = "checkpoints/step_00000020"
+    shutil.copytree(tmp_path / "ref" / step20, tmp_path / "one" / step20)
     run(make_config("tiny", **SMALL, out=str(tmp_path / "one"), resume="auto"))
     assert_same(rows(tmp_path / "one"), want[20:], tol=1e-5)
