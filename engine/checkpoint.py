@@ -8,7 +8,7 @@ Layout of one checkpoint (``<out>/checkpoints/step_00000020/``)::
     COMPLETE                       marker: {"step", "files": {name: size}}, written last
 
 Atomicity: everything is written into ``step_XXXXXXXX.tmp``; after a barrier rank 0 writes the
-marker and renames the folder. A folder without a valid marker, with a missing or truncated file,
+marker and renames the folder (all ranks must see one filesystem, as DCP's FileSystemWriter needs). A folder without a valid marker, with a missing or truncated file,
 or whose state cannot be read is skipped with a warning and the previous checkpoint is used.
 
 Safety: nothing in a checkpoint is unpickled freely. DCP's ``.metadata`` (a pickle) goes through a
@@ -16,11 +16,7 @@ restricted unpickler that admits DCP's own metadata classes only; DCP's non-tens
 optimizer's hyper-parameters) through ``torch.load(weights_only=True)``; tensors through DCP's
 ``weights_only`` reader; everything else is JSON.
 
-Faults (used by engine/trainer.py): SIGTERM/SIGINT set a flag that the loop checks after each
-step (``StopSignals``). Test hooks, for fault-injection tests only, read from the environment:
-``NITP_DEBUG_NAN_STEPS="3,5"`` makes the loss NaN at those (1-based) steps;
-``NITP_DEBUG_SIGNAL_AT_STEP="20:KILL"`` (or TERM / INT) makes the process send itself that
-signal after step 20 and its checkpoint.
+Stop signals and fault-injection hooks: engine/faults.py.
 """
 
 from __future__ import annotations
@@ -32,8 +28,6 @@ import pickle
 import random
 import re
 import shutil
-import signal
-import threading
 import warnings
 from pathlib import Path
 from typing import Any
@@ -396,7 +390,8 @@ class Checkpointer:
         set_state_dict(state.model, state.optimizer, model_state_dict=to_load["model"],
                        optim_state_dict=to_load["optim"])
         state.data.train.load_state_dict(saved["loader"])
-        state.scheduler.load_state_dict(saved["scheduler"])
+        known = state.scheduler.state_dict().keys()  # JSON from disk sets known attributes only
+        state.scheduler.load_state_dict({k: v for k, v in saved["scheduler"].items() if k in known})
         state.step = int(saved["step"])
         state.bad_steps = int(saved.get("bad_steps", 0))
         state.consecutive_bad_steps = int(saved.get("consecutive_bad_steps", 0))
@@ -418,55 +413,3 @@ def truncate_metrics(metrics_path: str | os.PathLike, step: int) -> None:
     keep = [line for line in path.read_text().splitlines() if line.strip()
             and json.loads(line).get("step", 0) <= step]
     path.write_text("".join(line + "\n" for line in keep))
-
-
-# ----------------------------------------------------------------------------- faults
-
-class StopSignals:
-    """SIGTERM / SIGINT set a flag instead of killing the process; the loop saves and exits."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-    def __init__(self):
-        self.received: str | None = None
-        self._previous: dict[int, Any] = {}
-
-    def install(self) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            return  # signal handlers can only be set from the main thread
-        for sig in self.SIGNALS:
-            self._previous[sig] = signal.signal(sig, self._handle)
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.received = signal.Signals(signum).name
-
-    def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
-
-    def requested(self, device: torch.device) -> bool:
-        """True on every rank when any rank received a stop signal (one tiny all-reduce)."""
-        flag = self.received is not None
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            t = torch.tensor([int(flag)], device=device)
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            flag = bool(t.item())
-            if flag and self.received is None:
-                self.received = "a signal on another rank"
-        return flag
-
-
-def debug_nan_steps() -> set[int]:
-    """TEST HOOK: 1-based steps whose loss is made NaN (env NITP_DEBUG_NAN_STEPS="3,5")."""
-    text = os.environ.get("NITP_DEBUG_NAN_STEPS", "")
-    return {int(s) for s in text.split(",") if s.strip()}
-
-
-def debug_signal_after(step: int) -> None:
-    """TEST HOOK: send this process a signal after ``step`` (env NITP_DEBUG_SIGNAL_AT_STEP="20:KILL")."""
-    text = os.environ.get("NITP_DEBUG_SIGNAL_AT_STEP")
-    if text:
-        at, name = text.split(":")
-        if int(at) == step:
-            os.kill(os.getpid(), getattr(signal, "SIG" + name))

@@ -32,10 +32,10 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from engine.checkpoint import (Checkpointer, StopSignals, debug_nan_steps, debug_signal_after,
-                               truncate_metrics)
+from engine.checkpoint import Checkpointer, truncate_metrics
 from engine.config import TrainConfig, gradient_accumulation_steps, validate
 from engine.data import IGNORE_INDEX, DataBundle, build_data
+from engine.faults import StopSignals, debug_nan_steps, debug_signal_after
 from engine.flops import training_flops_per_token
 from engine.geometry import GeometryProbe
 from engine.metrics import RunLogger, peak_flops_per_device, peak_memory_bytes
