@@ -108,8 +108,8 @@ def test_malicious_metadata_is_refused_and_incompatible_config_named(tmp_path, c
         run(make_config("tiny", **{**SMALL, "steps": 4, "d_model": 48, "n_layers": 3}, out=str(out), resume="auto"))
     with pytest.raises(CheckpointError, match="NITP projector"):
         run(make_config("tiny", **{**SMALL, "steps": 4}, objective="ntp", out=str(out), resume="auto"))
-    run(make_config("tiny", **{**SMALL, "steps": 3, "lr": 1e-3}, out=str(out), resume="auto"))
-    assert "resumed from" in capsys.readouterr().out
+    run(make_config("tiny", **{**SMALL, "steps": 3, "lr": 1e-3}, out=str(out), resume=str(ckpt)))  # --resume PATH
+    assert f"resumed from {ckpt} (step 2)" in capsys.readouterr().out
     # A crafted .metadata whose unpickling would run a command: refused, never executed.
     ckpt = out / "checkpoints" / "step_00000003"
     evil = _Payload()

@@ -134,5 +134,5 @@ def test_two_fsdp_processes_resume_and_resume_on_one_process(tmp_path):
     # Saved by two ranks, resumed by one: DCP reshards the FSDP2 parameters and Adam moments.
     step20 = "checkpoints/step_00000020"
     shutil.copytree(tmp_path / "ref" / step20, tmp_path / "one" / step20)
-    run(make_config("tiny", **SMALL, out=str(tmp_path / "one"), resume="auto"))
+    run(make_config("tiny", **SMALL, out=str(tmp_path / "one"), resume=str(tmp_path / "one")))  # a run folder
     assert_same(rows(tmp_path / "one"), want[20:], tol=1e-5)
