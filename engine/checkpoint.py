@@ -8,8 +8,14 @@ Layout of one checkpoint (``<out>/checkpoints/step_00000020/``)::
     COMPLETE                       marker: {"step", "files": {name: size}}, written last
 
 Atomicity: everything is written into ``step_XXXXXXXX.tmp``; after a barrier rank 0 writes the
-marker and renames the folder (all ranks must see one filesystem, as DCP's FileSystemWriter needs). A folder without a valid marker, with a missing or truncated file,
-or whose state cannot be read is skipped with a warning and the previous checkpoint is used.
+marker and renames the folder (all ranks must see one filesystem, as DCP's FileSystemWriter
+needs). A folder without a valid marker, with a missing or truncated file, or whose state cannot
+be read is skipped with a warning and the previous checkpoint is used. A run sets aside the
+checkpoints newer than its start (``superseded_step_*``), so ``--resume auto`` stays on its timeline.
+The marker records sizes, not checksums (hashing every shard would re-read the whole checkpoint):
+a same-size corruption is caught only when DCP fails to load it, and then the previous one is used.
+``--async-ckpt``: dcp.async_save copies the state to CPU memory and writes it from a thread; the
+marker and rename follow when the next save starts or the run ends.
 
 Safety: nothing in a checkpoint is unpickled freely. DCP's ``.metadata`` (a pickle) goes through a
 restricted unpickler that admits DCP's own metadata classes only; DCP's non-tensor items (the
@@ -331,11 +337,17 @@ class Checkpointer:
 
         Newer ones belong to a timeline this run abandons (a fresh run in an old --out, an explicit
         --resume of an older step, or corrupt saves that were skipped): they are renamed
-        ``superseded_step_*``, never deleted, so that a later ``--resume auto`` cannot jump to them.
+        ``superseded_step_*`` (replacing an earlier such set), so a later ``--resume auto`` cannot
+        jump to them.
         """
         used = self.resume(state) if self.cfg.resume else None
         if self.info.is_main:
+            # One generation of superseded checkpoints is kept, so repeated fresh runs in one --out
+            # do not pile them up.
             newer = [p for s, p in list_checkpoints(self.root) if s > state.step]
+            if newer:
+                for old in self.root.glob("superseded_*"):
+                    shutil.rmtree(old, ignore_errors=True)
             newer += [p for p in self.root.glob("step_*.tmp") if _step_of(p) > state.step]
             for path in newer:
                 target = path.with_name("superseded_" + path.name)

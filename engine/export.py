@@ -317,7 +317,8 @@ def load_hf_weights(model: torch.nn.Module, sd: dict[str, torch.Tensor]) -> None
     missing, unexpected = model.load_state_dict(sd, strict=False)
     missing = [k for k in missing if not k.startswith("output.projector.")]
     if missing or unexpected:
-        raise HFImportError(f"--init-from-hf: weights do not fit the model (missing {missing}, unexpected {unexpected})")
+        raise HFImportError(f"--init-from-hf: weights do not fit the model (missing {missing}, "
+                            f"unexpected {unexpected})")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -121,3 +121,10 @@ def test_malicious_metadata_is_refused_and_incompatible_config_named(tmp_path, c
     with pytest.raises(UnsafeCheckpointError, match=r"refusing to unpickle (posix|os)\.system"):
         run(make_config("tiny", **{**SMALL, "steps": 4}, out=str(out), resume="auto"))
     assert not evil.path.exists()
+    # A fresh run in the same --out sets the earlier run's checkpoints aside (never resumes them).
+    with pytest.warns(UserWarning, match="2 checkpoint.*newer than step 0 were renamed superseded_step_"):
+        run(make_config("tiny", **{**SMALL, "steps": 2, "seed": 1}, out=str(out)))
+    root = out / "checkpoints"
+    assert [s for s, _ in list_checkpoints(root)] == [2]
+    assert sorted(p.name for p in root.glob("superseded_*")) == ["superseded_step_00000002", "superseded_step_00000003"]
+    assert validate_checkpoint(root / "step_00000002")["config"]["seed"] == 1
