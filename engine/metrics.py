@@ -78,6 +78,8 @@ class RunLogger:
             self.bar.set_postfix_str(summary + f" tok/s {record['tokens_per_s']:.0f}", refresh=False)
         else:
             val = f" val_ce {record['val_ce']:.4f}" if "val_ce" in record else ""
+            if "eff_rank_last" in record:  # geometry steps (engine/geometry.py)
+                val += f" | erank {record['eff_rank_last']:.1f} cos {record['avg_cos_last']:.3f}"
             print(f"step {record['step']:>6} | {summary}{val} | lr {record['lr']:.2e} | "
                   f"tok/s {record['tokens_per_s']:.0f}", flush=True)
 
