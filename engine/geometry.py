@@ -9,8 +9,9 @@ training split, read without moving the training loader), then
 - eff_rank_target / avg_cos_target: the same for hidden_states[k], k = cfg.nitp_layer (the NITP
   target; a collapse of the target would show here), captured by a forward hook;
 - objective nitp only: ce_grad_norm / nitp_grad_norm, the norms of d(mean CE)/dh and
-  d(mean NITP loss)/dh on the sample from the op's return_grad_norms, and their ratio (λ·ratio⁻¹
-  is the NITP share of the hidden-state gradient, for tuning λ).
+  d(mean NITP loss)/dh on the sample from the op's return_grad_norms, and grad_norm_ratio =
+  ce / nitp (λ / ratio is the size of the λ-weighted NITP gradient relative to the CE one, for
+  tuning λ).
 
 Under FSDP every rank runs the forward (its collectives need all ranks) and the weight gathers;
 the metrics are computed on rank 0's tokens and returned there only. The average cosine is the
