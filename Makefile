@@ -8,7 +8,7 @@ TORCH_PIN ?= torch==2.13.0
 STAMP := $(VENV)/.setup-stamp
 PYTEST_WORKERS ?= 2
 
-.PHONY: setup test demo bench compile-check clean
+.PHONY: setup test demo bench compare compile-check clean
 
 setup: $(STAMP)
 
@@ -31,6 +31,10 @@ demo: setup
 
 bench: setup
 	$(PY) -m benchmarks.run $(if $(QUICK),--quick,)
+
+# NTP vs NITP vs cosine regularisation on the tiny preset: plots and a summary under runs/compare/
+compare: setup
+	$(PY) -m engine.compare $(if $(QUICK),--quick,)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
