@@ -43,6 +43,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
@@ -386,7 +387,7 @@ class Checkpointer:
                 self._load(state, path, saved)
             except UnsafeCheckpointError:
                 raise
-            except Exception as exc:  # DCP raises on every rank alike, so all fall back together
+            except (Exception, CheckpointException) as exc:  # DCP raises on every rank alike: all fall back
                 warnings.warn(f"skipping checkpoint {path}: loading failed ({type(exc).__name__}: {exc})",
                               stacklevel=2)
                 continue

@@ -81,18 +81,22 @@ def test_sigkill_after_checkpoint_then_resume_skips_broken_checkpoints(reference
                           env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == -9, proc.stderr[-3000:]
     assert steps_of(tmp_path) == [10, 20]
-    # A save killed half-way (no marker, under .tmp) and a "complete" one with a truncated file
-    # must both be passed over, with a warning for the latter.
+    # A save killed half-way (no marker, under .tmp) and a "complete" one whose data file is garbage
+    # of the right size (it passes the marker check and fails in DCP's load) are both passed over.
     root = tmp_path / "checkpoints"
     shutil.copytree(root / "step_00000020", root / "step_00000030.tmp")
     (root / "step_00000030.tmp" / MARKER).unlink()
     shutil.copytree(root / "step_00000020", root / "step_00000025")
     marker = json.loads((root / "step_00000025" / MARKER).read_text())
     (root / "step_00000025" / MARKER).write_text(json.dumps({**marker, "step": 25}))
+    state = json.loads((root / "step_00000025" / "state.json").read_text())
+    (root / "step_00000025" / "state.json").write_text(json.dumps({**state, "step": 25}))
+    marker["files"]["state.json"] = (root / "step_00000025" / "state.json").stat().st_size
+    (root / "step_00000025" / MARKER).write_text(json.dumps({**marker, "step": 25}))
     data = root / "step_00000025" / "__0_0.distcp"
-    data.write_bytes(data.read_bytes()[:100])
+    data.write_bytes(os.urandom(data.stat().st_size))
     with pytest.warns(UserWarning, match="newer than step 20 were renamed superseded_step_"), \
-            pytest.warns(UserWarning, match="skipping checkpoint .*step_00000025"):
+            pytest.warns(UserWarning, match="skipping checkpoint .*step_00000025: loading failed"):
         run(make_config("tiny", **SMALL, out=str(tmp_path), resume="auto"))
     assert_same(rows(tmp_path), reference)  # across processes too: bitwise
     # The skipped saves are set aside (not deleted), so keep_last=2 keeps two good ones: 20 and 40.
