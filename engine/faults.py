@@ -21,7 +21,11 @@ import torch.distributed as dist
 
 
 class StopSignals:
-    """SIGTERM / SIGINT set a flag instead of killing the process; the loop saves and exits."""
+    """SIGTERM / SIGINT set a flag instead of killing the process; the loop saves and exits.
+
+    A second signal stops at once (KeyboardInterrupt / SystemExit(128 + signal)), so Ctrl-C twice
+    still interrupts a step or a save that hangs.
+    """
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -36,7 +40,15 @@ class StopSignals:
             self._previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum: int, frame: Any) -> None:
-        self.received = signal.Signals(signum).name
+        name = signal.Signals(signum).name
+        if self.received is not None:  # a second signal: stop at once, as without the handler
+            self.restore()
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            raise SystemExit(128 + signum)
+        self.received = name
+        if os.environ.get("RANK", "0") == "0":  # os.write: print() is not reentrant in a handler
+            os.write(2, f"received {name}: saving a checkpoint after this step (again: stop now)\n".encode())
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():

@@ -15,6 +15,7 @@ import torch
 from engine.checkpoint import (MARKER, CheckpointError, UnsafeCheckpointError, list_checkpoints,
                                read_metadata_safely, validate_checkpoint)
 from engine.config import make_config
+from engine.faults import StopSignals
 from engine.parallel import close_distributed
 from engine.trainer import build_state, next_batches, run, train_step
 
@@ -91,6 +92,20 @@ def test_sigint_from_outside_saves_and_exits_cleanly(tmp_path):
     last = rows(tmp_path)[-1]["step"]
     assert f"received SIGINT: saved a checkpoint at step {last}" in stdout
     assert validate_checkpoint(tmp_path / "checkpoints" / f"step_{last:08d}")["step"] == last
+
+
+def test_a_second_signal_stops_at_once():
+    stop = StopSignals()
+    stop.install()
+    try:
+        signal.raise_signal(signal.SIGTERM)
+        assert stop.received == "SIGTERM" and stop.requested(torch.device("cpu"))
+        with pytest.raises(SystemExit) as exc:
+            signal.raise_signal(signal.SIGTERM)
+        assert exc.value.code == 128 + signal.SIGTERM
+        assert signal.getsignal(signal.SIGTERM) != stop._handle  # the previous handler is back
+    finally:
+        stop.restore()
 
 
 class _Payload:
