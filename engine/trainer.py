@@ -266,10 +266,12 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                 t_last, steps_since = time.perf_counter(), 0
             if cfg.max_bad_steps and state.consecutive_bad_steps >= cfg.max_bad_steps:
                 ckpt.finalize()
+                last = (f"step {ckpt.last_saved_step} in {ckpt.root}" if ckpt.last_saved_step is not None
+                        else "none saved yet")
                 raise SystemExit(
                     f"error: {state.consecutive_bad_steps} consecutive steps (up to step {step}) had a "
                     f"non-finite loss or gradient norm (--max-bad-steps {cfg.max_bad_steps}); stopping. "
-                    f"Last good checkpoint: step {ckpt.last_saved_step} in {ckpt.root}")
+                    f"Last good checkpoint: {last}")
             if cfg.ckpt_every and step % cfg.ckpt_every == 0 and not metrics["skipped"]:
                 ckpt.save(state)
             debug_signal_after(step)  # fault-injection test hook
