@@ -133,6 +133,27 @@ def test_init_from_hf_llama_round_trip(tmp_path):
     _hf_roundtrip(tmp_path / "src", tmp_path, "tiny")
 
 
+def test_init_from_hf_qwen2_maps_only_with_zero_attention_biases(tmp_path):
+    config = transformers.Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=1, initializer_range=0.2,
+                                      tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = transformers.Qwen2ForCausalLM(config)
+    with torch.no_grad():
+        model.model.layers[0].self_attn.k_proj.bias.fill_(0.1)
+    model.save_pretrained(tmp_path / "src")
+    with pytest.raises(ValueError, match=r"model.layers.0.self_attn.k_proj.bias is non-zero"):
+        load_hf_into_engine(tmp_path / "src")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("_proj.bias"):
+                p.zero_()
+    model.save_pretrained(tmp_path / "src")
+    _, sd = load_hf_into_engine(tmp_path / "src")  # tied embeddings: the engine starts from two copies
+    assert torch.equal(sd["output.lm_head.weight"], sd["backbone.embed_tokens.weight"])
+    _hf_roundtrip(tmp_path / "src", tmp_path, "tiny")
+
+
 def test_init_from_hf_qwen2_moe_round_trip_and_refusals(tmp_path):
     config = transformers.Qwen2MoeConfig(
         vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
