@@ -32,21 +32,35 @@ from engine.config import TrainConfig
 from engine.moe import MoE
 from nitp_kernels import NITPProjector, fused_linear_cross_entropy, fused_nitp_loss
 
-try:  # Liger-Kernel's Triton kernels serve on CUDA only
-    from liger_kernel.ops.rms_norm import LigerRMSNormFunction
-    from liger_kernel.ops.rope import LigerRopeFunction
-    from liger_kernel.ops.swiglu import LigerSiLUMulFunction
-except Exception:  # pragma: no cover - liger is optional
-    LigerRMSNormFunction = LigerRopeFunction = LigerSiLUMulFunction = None
-
 try:  # pragma: no cover - flash-attn is a GPU-only extra
     from flash_attn import flash_attn_func
 except Exception:
     flash_attn_func = None
 
 
-def _use_liger(x: torch.Tensor) -> bool:
-    return x.is_cuda and LigerRMSNormFunction is not None
+class _Liger:
+    """Liger-Kernel's RMSNorm / RoPE / SwiGLU functions, imported on first use with a CUDA tensor.
+
+    Importing liger_kernel pulls in torch._dynamo (seconds of start-up per process); a CPU run never needs it.
+    """
+
+    loaded = False
+    rms_norm = rope = silu_mul = None
+
+    @classmethod
+    def ready(cls, x: torch.Tensor) -> bool:
+        if not x.is_cuda:
+            return False
+        if not cls.loaded:
+            cls.loaded = True
+            try:
+                from liger_kernel.ops.rms_norm import LigerRMSNormFunction
+                from liger_kernel.ops.rope import LigerRopeFunction
+                from liger_kernel.ops.swiglu import LigerSiLUMulFunction
+                cls.rms_norm, cls.rope, cls.silu_mul = LigerRMSNormFunction, LigerRopeFunction, LigerSiLUMulFunction
+            except Exception:  # liger is optional
+                pass
+        return cls.rms_norm is not None
 
 
 class RMSNorm(nn.Module):
@@ -58,8 +72,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _use_liger(x):
-            return LigerRMSNormFunction.apply(x, self.weight, self.eps, 0.0, "llama", False)
+        if _Liger.ready(x):
+            return _Liger.rms_norm.apply(x, self.weight, self.eps, 0.0, "llama", False)
         x32 = x.float()
         y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * y.to(x.dtype)
@@ -67,8 +81,8 @@ class RMSNorm(nn.Module):
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up, through Liger's fused kernel on CUDA."""
-    if _use_liger(gate):
-        return LigerSiLUMulFunction.apply(gate, up)
+    if _Liger.ready(gate):
+        return _Liger.silu_mul.apply(gate, up)
     return F.silu(gate) * up
 
 
@@ -88,8 +102,8 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate q (B, H, T, D) and k (B, Hkv, T, D) by position, HF's ``apply_rotary_pos_emb``."""
     cos, sin = cos.to(q.dtype), sin.to(q.dtype)
-    if _use_liger(q):
-        return LigerRopeFunction.apply(q, k, cos[None], sin[None])
+    if _Liger.ready(q):
+        return _Liger.rope.apply(q, k, cos[None], sin[None])
     return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
 
