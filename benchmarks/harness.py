@@ -80,7 +80,8 @@ def median(values: list[float]) -> float:
     return float(statistics.median(values))
 
 
-def saved_tensor_bytes(fn: Callable[[], torch.Tensor], exclude: list[torch.Tensor] = ()) -> tuple[int, int, torch.Tensor]:
+def saved_tensor_bytes(fn: Callable[[], torch.Tensor],
+                       exclude: list[torch.Tensor] = ()) -> tuple[int, int, torch.Tensor]:
     """(bytes of all storages saved for backward, bytes of those that are not storages of `exclude`, fn()).
 
     Counted by storage, so views of one buffer count once; `exclude` are the inputs, which exist anyway.

@@ -182,9 +182,13 @@ def shape_ratios(shape: dict) -> dict:
     logits_bytes = 4 * shape["n"] * shape["vocab"]
     low_memory = {k: v for k, v in ntp_ran.items() if (get(k, "saved_new_bytes") or 0) < logits_bytes}
     best_low = min(low_memory, key=low_memory.get) if low_memory else None
+    g_all, b_all = rec.get("nitp_ours", {}).get("time_ms_all"), rec.get("flce_ours", {}).get("time_ms_all")
+    paired = median([g / b for g, b in zip(g_all, b_all)]) if g_all and b_all else None
     return {
         "flops_ratio": shape["flops_ratio"],
         "nitp_over_ntp_time": _ratio(get("nitp_ours", "time_ms_median"), get("flce_ours", "time_ms_median")),
+        # median over rounds of g/b within the same round: less exposed to load that drifts between rounds
+        "nitp_over_ntp_time_paired": paired,
         "nitp_over_ntp_saved_bytes": _ratio(get("nitp_ours", "saved_new_bytes"), get("flce_ours", "saved_new_bytes")),
         "nitp_over_ntp_peak_memory": _ratio(get("nitp_ours", memory_key), get("flce_ours", memory_key)),
         "best_ntp_method": best,

@@ -39,13 +39,16 @@ def op_table(op: dict) -> str:
                 lines.append(f"    {label:24s} {'skipped' if 'skipped' in rec else 'error'}: {why[:90]}")
                 continue
             peak = rec.get("peak_extra_bytes", rec.get("peak_rss_extra_bytes"))
+            peak_mib = _fmt(peak / MiB if peak is not None else None, "9.1f")
             lines.append(f"    {label:24s} {rec['time_ms_median']:10.1f} "
                          f"{_fmt(rec['time_ms_median'] / base if base else None, '7.2f'):>7s} "
-                         f"{rec['saved_new_bytes'] / MiB:9.1f} {_fmt(peak / MiB if peak is not None else None, '9.1f'):>9s}")
-        lines.append(f"    NITP overhead g/b: time {_fmt(r['nitp_over_ntp_time'], '.3f')} vs FLOPs ratio "
+                         f"{rec['saved_new_bytes'] / MiB:9.1f} {peak_mib:>9s}")
+        lines.append(f"    NITP overhead g/b: time {_fmt(r['nitp_over_ntp_time'], '.3f')} (per round "
+                     f"{_fmt(r.get('nitp_over_ntp_time_paired'), '.3f')}) vs FLOPs ratio "
                      f"1+12d/V = {r['flops_ratio']:.3f}; saved bytes {_fmt(r['nitp_over_ntp_saved_bytes'], '.3f')}; "
                      f"peak {_fmt(r['nitp_over_ntp_peak_memory'], '.3f')}")
-        lines.append(f"    g vs fastest NTP-only ({r['best_ntp_method']}): {_fmt(r['nitp_over_best_ntp_time'], '.3f')}; "
+        lines.append(f"    g vs fastest NTP-only ({r['best_ntp_method']}): "
+                     f"{_fmt(r['nitp_over_best_ntp_time'], '.3f')}; "
                      f"vs fastest other library/peer ({r['best_other_ntp_method']}): "
                      f"{_fmt(r['nitp_over_best_other_ntp_time'], '.3f')}; vs fastest NTP keeping less than "
                      f"the logits for backward ({r['best_low_memory_ntp_method']}): "
@@ -67,8 +70,9 @@ def step_table(step: dict) -> str:
                      f"{100 * r['overhead_measured']:+8.1f}% {100 * r['overhead_full_count']:9.1f}% "
                      f"{100 * r['overhead_paper_formula']:6.1f}% {_fmt(r['mfu_ntp'], '8.1%'):>8s} "
                      f"{_fmt(r['nitp_over_ntp_peak_memory'], '6.2f'):>6s}")
-    lines.append(f"    ({step['mfu_note']}; peak {_fmt(step['mfu_peak_flops'] and step['mfu_peak_flops'] / 1e9, '.1f')} "
-                 "GFLOP/s; mem x = NITP/NTP peak memory of one step)")
+    peak = step["mfu_peak_flops"]
+    lines.append(f"    ({step['mfu_note']}; peak {_fmt(peak and peak / 1e9, '.1f')} GFLOP/s; "
+                 "mem x = NITP/NTP peak memory of one step)")
     return "\n".join(lines)
 
 
@@ -80,7 +84,8 @@ def paper_table_text(rows: list[dict]) -> str:
         quote = (f"{100 * quoted['flops_overhead']:.1f}% FLOPs, {100 * quoted['wall_clock_overhead']:.1f}% wall clock"
                  if quoted else "")
         lines.append(f"    {row['preset']:16s} {row['d_model']:5d} {row['n_layers']:3d} "
-                     f"{100 * row['paper_formula']['overhead']:12.2f}% {100 * row['full_count']['overhead']:9.2f}%  {quote}")
+                     f"{100 * row['paper_formula']['overhead']:12.2f}% "
+                     f"{100 * row['full_count']['overhead']:9.2f}%  {quote}")
     lines.append("    (full count: every matmul incl. attention scores at T=8192, not halved for causality; router)")
     return "\n".join(lines)
 

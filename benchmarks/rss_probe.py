@@ -50,7 +50,10 @@ def measure_in_subprocess(method: str, n: int, d: int, vocab: int, seq_len: int,
     """Run `probe` in a fresh interpreter; {"error": ...} when it fails or runs past timeout_s."""
     command = [sys.executable, "-m", "benchmarks.rss_probe", "--method", method, "--n", str(n), "--d", str(d),
                "--vocab", str(vocab), "--seq-len", str(seq_len)]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    import torch
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+           "OMP_NUM_THREADS": str(torch.get_num_threads())}  # the parent's thread count
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, cwd=REPO, env=env)
     except subprocess.TimeoutExpired:

@@ -36,6 +36,13 @@ DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 PARTS = ("op", "step", "paper")
 
 
+def _oversubscribed() -> bool:
+    """Other processes already keep every core busy (1-minute load average >= cores; CPU runs only)."""
+    if torch.cuda.is_available() or not hasattr(os, "getloadavg"):
+        return False
+    return os.getloadavg()[0] >= (os.cpu_count() or 1)
+
+
 def _children_cpu() -> float:
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
@@ -60,8 +67,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--methods", nargs="+", choices=METHODS, help="op methods (default: all a-g)")
     parser.add_argument("--reps", type=int, default=5, help="timed repetitions per figure (>= 5; median reported)")
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default: torch's own choice; 1 is far steadier on a shared, "
-                             "oversubscribed machine)")
+                        help="torch CPU threads (default: torch's own choice, or 1 when the load average already "
+                             "fills every core: OpenMP threads competing with other processes slow small ops "
+                             "down by an order of magnitude)")
     parser.add_argument("--step-configs", nargs="+", choices=sorted(STEP_CONFIGS), default=None,
                         help="step-level configs (default: tiny small)")
     args = parser.parse_args(argv)
@@ -81,9 +89,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.threads is None and _oversubscribed():
+        args.threads = 1
+        print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores: running with 1 torch thread "
+              "(--threads N to choose)", flush=True)
     if args.threads is not None:
-        torch.set_num_threads(args.threads)
-        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the fresh processes of the RSS probe follow
+        torch.set_num_threads(args.threads)  # the fresh processes of the RSS probe follow (rss_probe)
     began_wall, began_cpu = time.perf_counter(), time.process_time()
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))

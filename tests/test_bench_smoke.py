@@ -40,8 +40,8 @@ def test_op_ratios_are_finite_and_positive(smoke):
     (shape,) = smoke[1]["op"]["shapes"]
     n, d, vocab = shape["n"], shape["d"], shape["vocab"]
     ratios = shape["ratios"]
-    for key in ("flops_ratio", "nitp_over_ntp_time", "nitp_over_ntp_saved_bytes", "nitp_over_best_ntp_time",
-                "naive_nitp_over_nitp_time", "naive_ntp_over_flce_time"):
+    for key in ("flops_ratio", "nitp_over_ntp_time", "nitp_over_ntp_time_paired", "nitp_over_ntp_saved_bytes",
+                "nitp_over_best_ntp_time", "naive_nitp_over_nitp_time", "naive_ntp_over_flce_time"):
         assert _positive(ratios[key]), (key, ratios[key])
     assert ratios["flops_ratio"] == pytest.approx(1 + 12 * d / vocab)
     methods = shape["methods"]
