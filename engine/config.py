@@ -73,7 +73,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     seed: int = 0
     # --- data (read by engine.data) ---
-    data: str = "synthetic"
+    data: str = "stdlib"           # the built-in corpus: this Python's standard library source
     text_field: str = "text"
     tokenizer: str | None = None
     doc_mask: bool = False

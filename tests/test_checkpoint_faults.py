@@ -20,7 +20,7 @@ from engine.parallel import close_distributed
 from engine.trainer import build_state, next_batches, run, train_step
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMALL = dict(vocab_size=128, d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, ffn_hidden=64, seq_len=16,
+SMALL = dict(data="synthetic", vocab_size=128, d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, ffn_hidden=64, seq_len=16,
              batch_size=4, micro_batch_size=2, warmup_steps=4, log_every=1, steps=8)
 
 

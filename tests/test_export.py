@@ -75,7 +75,7 @@ def test_export_loads_in_transformers_with_the_engine_logits(preset, corpus, tmp
                     data_cache_dir=str(tmp_path / "cache"), val_fraction=0.0)
         extra_args = []
     else:  # synthetic data has no tokenizer: pass one
-        data, extra_args = dict(vocab_size=VOCAB), ["--tokenizer", str(corpus / "tokenizer.json")]
+        data, extra_args = dict(vocab_size=VOCAB, data="synthetic"), ["--tokenizer", str(corpus / "tokenizer.json")]
     cfg = make_config(preset, **SMALL, **(MOE if preset == "tiny-moe" else {}), **data, out=str(run_dir))
     want = train_and_save(cfg, IDS)
     export_main([str(run_dir), str(hf_dir), *extra_args])
@@ -103,7 +103,8 @@ def _hf_roundtrip(hf_src, tmp_path, preset):
     ref = AutoModelForCausalLM.from_pretrained(hf_src, dtype=torch.float32)
     with torch.no_grad():
         ref_logits = ref(IDS).logits
-    cfg = parse_cli(["--preset", preset, "--init-from-hf", str(hf_src), "--seq-len", "16", "--batch-size", "2",
+    cfg = parse_cli(["--preset", preset, "--data", "synthetic", "--init-from-hf", str(hf_src), "--seq-len", "16",
+                     "--batch-size", "2",
                      "--micro-batch-size", "2", "--steps", "1", "--nitp-layer", "1", "--out", str(tmp_path / "run")])
     state = build_state(cfg)
     try:
