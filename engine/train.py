@@ -25,12 +25,17 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import logging  # noqa: E402
+
 from engine.config import parse_cli  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
     # torchrun announces the world size in the environment: validate against it before any work.
     cfg = parse_cli(argv, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+    # the data pipeline reports preparation, cache hits and skipped files through logging: rank 0 shows them
+    logging.basicConfig(level=logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING,
+                        format="%(message)s")
     from engine.checkpoint import CheckpointError  # heavy imports only after the flags are known to be valid
     from engine.export import HFImportError
     from engine.trainer import run
