@@ -87,6 +87,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _op_part(args: argparse.Namespace, device: torch.device, mode: str, log) -> dict:
+    grid = grid_for(device, mode)
+    grid.reps = args.reps
+    for name, attr in (("n", "ns"), ("d", "ds"), ("vocab", "vocabs")):
+        if getattr(args, name):
+            setattr(grid, attr, getattr(args, name))
+    if args.methods:
+        grid.methods = list(args.methods)
+    return run_op_bench(grid, device, log=log)
+
+
+def _step_part(args: argparse.Namespace, device: torch.device, mode: str, log) -> dict:
+    if device.type == "cuda":
+        from engine.metrics import peak_flops_per_device
+
+        peak = peak_flops_per_device(None, device)
+    else:
+        peak = measured_peak_flops(device, size=512 if args.smoke else 2048)
+    configs = args.step_configs or (["tiny"] if args.smoke else ["tiny", "small"])
+    return run_step_bench(configs, reps=args.reps, warmup=1 if args.smoke else 2, smoke=args.smoke,
+                          peak_flops=peak, log=log)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.threads is None and _oversubscribed():
@@ -108,28 +131,17 @@ def main(argv: list[str] | None = None) -> int:
     if "paper" in args.only:
         result["paper_table"] = paper_table()
     parts: dict[str, dict] = {}
-    if "op" in args.only:
+    for part in ("op", "step"):
+        if part not in args.only:
+            continue
         mark = (time.perf_counter(), time.process_time(), _children_cpu())
-        grid = grid_for(device, mode)
-        grid.reps = args.reps
-        for name, attr in (("n", "ns"), ("d", "ds"), ("vocab", "vocabs")):
-            if getattr(args, name):
-                setattr(grid, attr, getattr(args, name))
-        if args.methods:
-            grid.methods = list(args.methods)
-        result["op"] = run_op_bench(grid, device, log=log)
-        parts["op"] = _spent(mark)
-    if "step" in args.only:
-        mark = (time.perf_counter(), time.process_time(), _children_cpu())
-        peak = measured_peak_flops(device, size=512 if args.smoke else 2048) if device.type == "cpu" else None
-        if device.type == "cuda":
-            from engine.metrics import peak_flops_per_device
-
-            peak = peak_flops_per_device(None, device)
-        configs = args.step_configs or (["tiny"] if args.smoke else ["tiny", "small"])
-        result["step"] = run_step_bench(configs, reps=args.reps, warmup=1 if args.smoke else 2, smoke=args.smoke,
-                                        peak_flops=peak, log=log)
-        parts["step"] = _spent(mark)
+        try:
+            result[part] = (_op_part if part == "op" else _step_part)(args, device, mode, log)
+        except Exception as err:  # one broken part must not lose the others' figures
+            result[part] = None
+            result.setdefault("errors", {})[part] = f"{type(err).__name__}: {err}"
+            log(f"{part} level failed: {type(err).__name__}: {err}")
+        parts[part] = _spent(mark)
 
     result["cost"] = {"wall_s": time.perf_counter() - began_wall, "cpu_s_this_process": time.process_time() - began_cpu,
                       "cpu_s_children": _children_cpu(), "parts": parts,
@@ -143,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     cost = result["cost"]
     print(f"wall {cost['wall_s']:.0f} s, CPU {cost['cpu_s_this_process'] + cost['cpu_s_children']:.0f} s "
           f"(this process + subprocesses); wrote {paths['json']} and {paths['png']} (also latest.json/.png)")
-    return 0
+    return 1 if result.get("errors") else 0
 
 
 if __name__ == "__main__":
