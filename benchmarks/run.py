@@ -5,7 +5,7 @@
     python -m benchmarks.run --only paper    # just the theoretical table
     python -m benchmarks.run --n 2048 --d 512 1024 --vocab 32000   # a grid of your own
 
-Cost on a 2-core CPU (AMD EPYC, shared): --quick ~3 min with --threads 1; the full CPU grid is ~1.7e13 FLOPs
+Cost on a 2-core CPU (AMD EPYC, shared with other jobs): --quick under 3 min; the full CPU grid is ~1.7e13 FLOPs
 per method and repetition (hours: pick a sub-grid with --n/--d/--vocab). A cold torch.compile cache adds ~30 s
 per compiled method (CCE's CPU path, the compiled chunked CE) the first time.
 
