@@ -7,7 +7,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-# Under pytest-xdist every worker would start as many threads as there are cores: on a 2-core machine two
-# workers then fight over them and tiny matmuls slow down by an order of magnitude.
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    torch.set_num_threads(1)
+# One intra-op thread per test process: the suite runs under pytest-xdist with a worker per core, and workers
+# that each start a thread per core fight over the cores (tiny matmuls then slow down by an order of magnitude).
+# Tests are small; one thread also keeps them deterministic in a single process.
+torch.set_num_threads(1)

@@ -24,13 +24,6 @@ SMALL = dict(data="synthetic", vocab_size=128, d_model=32, n_layers=2, n_heads=2
              batch_size=4, micro_batch_size=2, warmup_steps=4, log_every=1, steps=8)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def rows(out):
     return [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]

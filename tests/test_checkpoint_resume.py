@@ -28,13 +28,6 @@ def flags(**kw):
     return out
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def rows(out):
     return [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]

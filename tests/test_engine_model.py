@@ -15,14 +15,6 @@ SMALL = dict(vocab_size=97, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, ffn
              micro_batch_size=2, batch_size=2, nitp_layer=1)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Two test workers share two cores: more threads each only spin.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def _batch(cfg, seed=0, ignore_some=True):
     g = torch.Generator().manual_seed(seed)

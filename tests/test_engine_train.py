@@ -18,13 +18,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN = dict(data="synthetic", vocab_size=256, seq_len=32, micro_batch_size=2, batch_size=4, warmup_steps=2, log_every=1)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture
 def state_of():

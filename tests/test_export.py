@@ -25,13 +25,6 @@ MOE = dict(n_experts=4, moe_top_k=2, moe_ffn_hidden=16, shared_ffn_hidden=16)
 VOCAB = 300
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
