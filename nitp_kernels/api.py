@@ -59,11 +59,12 @@ def resolve_backend(backend: str, hidden: Tensor) -> str:
     return backend
 
 
-def _run(problem: Problem, backend: str, projector_tensors: tuple) -> tuple[Tensor, ...]:
+def _run(problem: Problem, backend: str) -> tuple[Tensor, ...]:
     if backend == "reference":
         return reference_losses(problem)
     ops = TorchChunkOps() if backend == "torch" else _triton_ops()
     hidden, lm_weight, lm_bias = problem.hidden, problem.lm_weight, problem.lm_bias
+    projector_tensors = problem.projector or (None, None, None)
     w_gate, w_up, w_down = projector_tensors
     shallow_grad = problem.with_nitp and not problem.options.stop_gradient
     wants = {
@@ -76,11 +77,10 @@ def _run(problem: Problem, backend: str, projector_tensors: tuple) -> tuple[Tens
     if not torch.is_grad_enabled() or not any(wants.values()):
         wants = dict.fromkeys(wants, False)
         with torch.no_grad():  # evaluation: losses only, no gradient buffer is built
-            (ce, nitp, z, n_ce, n_nitp, *_), _ = run_chunks(problem, ops, wants)
-        opts = problem.options
-        return ce + opts.nitp_weight * nitp + opts.z_loss_weight * z, ce, nitp, z, n_ce, n_nitp
-    *outputs, ce_norm, nitp_norm = FusedNITPFunction.apply(problem.hidden_input, lm_weight, lm_bias, problem.shallow_input,
-                                   w_gate, w_up, w_down, problem, ops, wants)
+            outputs, _ = run_chunks(problem, ops, wants)
+        return tuple(outputs[:6])
+    *outputs, ce_norm, nitp_norm = FusedNITPFunction.apply(
+        problem.hidden_input, lm_weight, lm_bias, problem.shallow_input, w_gate, w_up, w_down, problem, ops, wants)
     if problem.options.return_grad_norms:
         return (*outputs, ce_norm, nitp_norm)
     return tuple(outputs)
@@ -110,8 +110,7 @@ def fused_nitp_loss(
     problem = build_problem(hidden, lm_weight, labels, shallow, projector, options, seq_len=seq_len,
                             lm_bias=lm_bias, with_nitp=True)
     backend = resolve_backend(backend, problem.hidden)
-    weights = problem.projector if problem.projector is not None else (None, None, None)
-    return NITPLossOutput(*_run(problem, backend, weights))
+    return NITPLossOutput(*_run(problem, backend))
 
 
 def fused_linear_cross_entropy(
@@ -128,7 +127,7 @@ def fused_linear_cross_entropy(
     problem = build_problem(hidden, lm_weight, labels, None, None, options, seq_len=None, lm_bias=lm_bias,
                             with_nitp=False)
     backend = resolve_backend(backend, problem.hidden)
-    return _run(problem, backend, (None, None, None))[0]
+    return _run(problem, backend)[0]
 
 
 __all__ = ["NITPLossOutput", "fused_nitp_loss", "fused_linear_cross_entropy", "LossOptions"]

@@ -79,8 +79,8 @@ class Gradients:
 
 
 def run_chunks(problem: Problem, ops: Any, wants: dict[str, bool]) -> tuple[list[Tensor], Gradients]:
-    """Losses [ce, nitp, z, n_ce, n_nitp, ce_grad_norm, nitp_grad_norm] (ce/nitp/z already reduced) and the
-    gradients of loss = ce + nitp_weight·nitp + z_loss_weight·z for the inputs named True in `wants`.
+    """Outputs [loss, ce, nitp, z, n_ce, n_nitp, ce_grad_norm, nitp_grad_norm] (ce/nitp/z already reduced) and
+    the gradients of loss = ce + nitp_weight·nitp + z_loss_weight·z for the inputs named True in `wants`.
 
     With options.return_grad_norms the two norms are ||d(ce + z_loss_weight·z)/d hidden|| and
     ||d nitp/d hidden|| (NITP unweighted by nitp_weight, so a target ratio gives λ directly); else empty tensors.
@@ -91,12 +91,11 @@ def run_chunks(problem: Problem, ops: Any, wants: dict[str, bool]) -> tuple[list
     mm_dtype, device = hidden.dtype, hidden.device
     acc = accumulation_dtype(mm_dtype)
     # Weights are cast once: to the matmul dtype on CUDA; elsewhere matmul_acc upcasts operands to acc anyway.
+    # On CUDA the logits chunk also stays in that dtype, as in Liger and Cut Cross-Entropy: the CE kernel reads
+    # it once and writes d logits over it, half the memory traffic of fp32 logits.
     operand_dtype = mm_dtype if hidden.is_cuda else acc
     lm_weight = problem.lm_weight.to(operand_dtype)
-    # On CUDA the logits chunk stays in the matmul dtype, as in Liger and Cut Cross-Entropy: the CE kernel reads
-    # it once and writes d logits over it, half the memory traffic of fp32 logits.
-    logits_dtype = mm_dtype if hidden.is_cuda else acc
-    lm_bias = None if problem.lm_bias is None else problem.lm_bias.to(logits_dtype)
+    lm_bias = None if problem.lm_bias is None else problem.lm_bias.to(operand_dtype)
     vocab = lm_weight.shape[0]
     with_nitp, shift = problem.with_nitp, opts.shift
 
@@ -139,7 +138,8 @@ def run_chunks(problem: Problem, ops: Any, wants: dict[str, bool]) -> tuple[list
     post_weight = opts.nitp_weight if grad_norms else None
     ce_sq = torch.zeros((), dtype=acc, device=device)
     nitp_sq = torch.zeros((), dtype=acc, device=device)
-    need_nitp_grad = any_grad and with_nitp and (wants["hidden"] or wants["projector"] or wants["shallow"])
+    need_ce_grad = wants["hidden"] or wants["lm_weight"] or wants["lm_bias"]
+    need_nitp_grad = with_nitp and (wants["hidden"] or wants["projector"] or wants["shallow"])
 
     chunk = opts.chunk_size or default_chunk_size(n_rows, d, vocab)
     ce_sum = torch.zeros((), dtype=acc, device=device)
@@ -148,7 +148,7 @@ def run_chunks(problem: Problem, ops: Any, wants: dict[str, bool]) -> tuple[list
     for start in range(0, n_rows, chunk):
         end = min(start + chunk, n_rows)
         h = hidden[start:end]
-        if logits_dtype == acc:
+        if operand_dtype == acc:
             logits = matmul_acc(h, lm_weight.T, mm_dtype, acc)
             if lm_bias is not None:
                 logits += lm_bias
@@ -157,7 +157,7 @@ def run_chunks(problem: Problem, ops: Any, wants: dict[str, bool]) -> tuple[list
         ce_c, z_c, d_logits = ops.cross_entropy(
             logits, labels[start:end], ignore_index=opts.ignore_index, label_smoothing=opts.label_smoothing,
             softcap=opts.softcap, z_loss_weight=opts.z_loss_weight, ce_scale=ce_scale, z_scale=ce_scale,
-            need_grad=any_grad and (wants["hidden"] or wants["lm_weight"] or wants["lm_bias"]))
+            need_grad=need_ce_grad)
         ce_sum += ce_c
         z_sum += z_c
         d_h = None
@@ -229,7 +229,8 @@ def run_chunks(problem: Problem, ops: Any, wants: dict[str, bool]) -> tuple[list
         norms = [ce_sq.sqrt(), nitp_sq.sqrt()]
     else:
         norms = [hidden.new_empty(0, dtype=acc), hidden.new_empty(0, dtype=acc)]
-    return [ce, nitp, z, n_ce, n_nitp, *norms], grads
+    loss = ce + opts.nitp_weight * nitp + opts.z_loss_weight * z
+    return [loss, ce, nitp, z, n_ce, n_nitp, *norms], grads
 
 
 class FusedNITPFunction(torch.autograd.Function):
@@ -237,9 +238,7 @@ class FusedNITPFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, lm_weight, lm_bias, shallow, w_gate, w_up, w_down, problem, ops, wants):
-        (ce, nitp, z, n_ce, n_nitp, ce_norm, nitp_norm), grads = run_chunks(problem, ops, wants)
-        opts = problem.options
-        loss = ce + opts.nitp_weight * nitp + opts.z_loss_weight * z
+        (loss, ce, nitp, z, n_ce, n_nitp, ce_norm, nitp_norm), grads = run_chunks(problem, ops, wants)
 
         def to_input(buffer: Optional[Tensor], like: Optional[Tensor], shape=None) -> Optional[Tensor]:
             if buffer is None:
