@@ -48,11 +48,6 @@ def resolve_device(cfg: TrainConfig) -> str:
     return cfg.device
 
 
-def env_world_size() -> int:
-    """World size torchrun announces (1 without torchrun); known before any process group exists."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
 def init_distributed(cfg: TrainConfig) -> DistInfo:
     """Join torchrun's process group (gloo on CPU, nccl on CUDA) or make a world of one."""
     device_type = resolve_device(cfg)

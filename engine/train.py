@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING,
                         format="%(message)s")
     from engine.checkpoint import CheckpointError  # heavy imports only after the flags are known to be valid
-    from engine.export import HFImportError
+    from engine.model.hf_adapter import HFImportError
     from engine.trainer import run
 
     try:

@@ -39,7 +39,7 @@ from engine.faults import StopSignals, debug_nan_steps, debug_signal_after
 from engine.flops import training_flops_per_token
 from engine.geometry import GeometryProbe
 from engine.metrics import RunLogger, peak_flops_per_device, peak_memory_bytes
-from engine.model import NITPTransformer
+from engine.model import HFImportError, NITPTransformer, config_from_hf, load_hf_weights
 from engine.optim import build_optimizer, build_scheduler
 from engine.parallel import DistInfo, close_distributed, init_distributed, parallelize
 
@@ -65,7 +65,6 @@ def build_state(cfg: TrainConfig) -> TrainState:
     try:
         hf_weights = None
         if cfg.init_from_hf:  # continued pre-training from a Hugging Face checkpoint
-            from engine.export import HFImportError, config_from_hf, load_hf_weights
             cfg, hf_weights = config_from_hf(cfg)
         validate(cfg, info.world_size)
         data = build_data(cfg, rank=info.rank, world_size=info.world_size)
@@ -133,7 +132,7 @@ def train_step(state: TrainState, batches: list[dict[str, torch.Tensor]]) -> dic
     moe_scale = cfg.moe_aux_weight / len(batches) if cfg.is_moe else 0.0
 
     sums = torch.zeros(4, dtype=torch.float64, device=info.device)  # loss, ce, aux, moe balance
-    poison = state.step + 1 in debug_nan_steps()  # fault-injection test hook (engine/checkpoint.py)
+    poison = state.step + 1 in debug_nan_steps()  # fault-injection test hook (engine/faults.py)
     for batch in batches:
         b = _to_device(batch, info.device)
         out, balance = model(b["input_ids"], b["labels"], b.get("doc_ids"), aux_weight=aux_weight, mode=mode)

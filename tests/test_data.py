@@ -10,9 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from engine.data import (IGNORE_INDEX, DataError, TokenStream, build_data, doc_attention_mask,
-                         doc_cu_seqlens, make_batch, split_documents, synthetic_stream,
-                         token_dtype)
+from engine.data import (IGNORE_INDEX, DataError, TokenStream, build_data, doc_cu_seqlens,
+                         make_batch, split_documents, synthetic_stream, token_dtype)
 
 
 def synth_cfg(**kw):
@@ -146,27 +145,26 @@ def test_doc_mask_labels_and_doc_ids_match_a_loop_reference():
     assert batch["doc_ids"].dtype == torch.int32
 
 
-def test_attention_mask_is_per_document_causal():
+def test_cu_seqlens_segments_give_per_document_causal_attention():
     doc_ids = torch.tensor([[0, 0, 1, 1, 1, 2], [0, 0, 0, 0, 0, 0]], dtype=torch.int32)
-    mask = doc_attention_mask(doc_ids)
-    want = torch.zeros(2, 6, 6, dtype=torch.bool)
-    for b in range(2):
-        for q in range(6):
-            for k in range(q + 1):
-                want[b, q, k] = bool(doc_ids[b, q] == doc_ids[b, k])
-    assert torch.equal(mask, want)
     cu, max_len = doc_cu_seqlens(doc_ids)
     assert cu.tolist() == [0, 2, 5, 6, 12] and max_len == 6 and cu.dtype == torch.int32
-    # the mask agrees with scaled_dot_product_attention run document by document
-    q = torch.randn(2, 1, 6, 4, generator=torch.Generator().manual_seed(0))
-    full = torch.nn.functional.scaled_dot_product_attention(q, q, q, attn_mask=mask[:, None])
-    flat_q, flat_out = q.transpose(1, 2).reshape(12, 1, 4), full.transpose(1, 2).reshape(12, 1, 4)
+    # reference: each query attends, by plain softmax, to the keys at or before it in its document
+    q = torch.randn(2, 6, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    want = torch.empty_like(q)
+    for b in range(2):
+        for t in range(6):
+            keys = [s for s in range(t + 1) if doc_ids[b, s] == doc_ids[b, t]]
+            weights = torch.softmax(q[b, keys] @ q[b, t] / 2.0, dim=0)  # 1/sqrt(head dim 4)
+            want[b, t] = weights @ q[b, keys]
+    # causal attention over each flattened cu_seqlens segment (what a varlen kernel computes)
+    flat_q, flat_want = q.reshape(12, 4), want.reshape(12, 4)
     for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
-        seg = flat_q[s:e].transpose(0, 1)[None]
-        ref = torch.nn.functional.scaled_dot_product_attention(seg, seg, seg, is_causal=True)
-        assert torch.allclose(ref[0].transpose(0, 1), flat_out[s:e], atol=1e-6)
+        seg = flat_q[s:e][None, None]
+        got = torch.nn.functional.scaled_dot_product_attention(seg, seg, seg, is_causal=True)
+        torch.testing.assert_close(got[0, 0], flat_want[s:e], rtol=1e-12, atol=1e-12)
     with pytest.raises(TypeError, match="doc_ids"):
-        doc_attention_mask(torch.zeros(3, dtype=torch.int32))
+        doc_cu_seqlens(torch.zeros(3, dtype=torch.int32))
 
 
 def test_validation_is_deterministic_covers_the_split_and_pads_evenly():

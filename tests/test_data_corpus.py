@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from engine.data import DataError, build_data
-from engine.tokenizer import cached_bpe
+from engine.data.tokenizer import cached_bpe
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()

@@ -14,9 +14,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from engine.checkpoint import Checkpointer  # noqa: E402
 from engine.config import make_config, parse_cli  # noqa: E402
-from engine.export import load_hf_into_engine, main as export_main  # noqa: E402
+from engine.data.tokenizer import train_bpe  # noqa: E402
+from engine.export import main as export_main  # noqa: E402
+from engine.model.hf_adapter import load_hf_into_engine  # noqa: E402
 from engine.parallel import close_distributed  # noqa: E402
-from engine.tokenizer import train_bpe  # noqa: E402
 from engine.trainer import build_state, next_batches, train_step  # noqa: E402
 
 SMALL = dict(d_model=32, n_layers=3, n_heads=2, n_kv_heads=1, ffn_hidden=64, seq_len=16, batch_size=4,

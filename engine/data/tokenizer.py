@@ -19,7 +19,9 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-log = logging.getLogger("engine.data")
+from engine.data.loader import DataError
+
+log = logging.getLogger(__name__)
 
 EOD_TOKEN = "<|endoftext|>"
 # End-of-document tokens of common tokenizers, for --tokenizer PATH (GPT-2/Qwen, Llama 2, Llama 3, ...).
@@ -53,8 +55,6 @@ def eod_id_of(tokenizer: Any, path: str) -> int:
 def load_tokenizer(path: str | os.PathLike) -> tuple[Any, int]:
     """Load an existing tokenizer.json; returns (tokenizer, eod_id)."""
     from tokenizers import Tokenizer
-
-    from engine.data import DataError
 
     if not Path(path).is_file():
         raise DataError(f"--tokenizer {path}: no such file")
@@ -123,7 +123,6 @@ def cached_bpe(cache_dir: str | os.PathLike, corpus_hash: str, vocab_size: int, 
     start = time.perf_counter()
     sample, used = training_sample(train_texts(), budget_bytes)
     if not sample:
-        from engine.data import DataError
         raise DataError("no training documents to train the tokenizer on")
     tokenizer = train_bpe(sample, vocab_size)
     meta = {"data_tokenizer_sample_bytes": used, "data_tokenizer_sample_docs": len(sample),

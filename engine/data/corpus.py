@@ -33,10 +33,10 @@ from typing import Any
 
 import numpy as np
 
-from engine.data import DataError, TokenStream, split_documents, token_dtype
-from engine.tokenizer import TOKENIZER_SAMPLE_BYTES, cached_bpe, file_sha256, load_tokenizer
+from engine.data.loader import DataError, TokenStream, split_documents, token_dtype
+from engine.data.tokenizer import TOKENIZER_SAMPLE_BYTES, cached_bpe, file_sha256, load_tokenizer
 
-log = logging.getLogger("engine.data")
+log = logging.getLogger(__name__)
 
 PREP_VERSION = "prep-v1"
 FORMATS = {".txt": "text", ".jsonl": "json", ".parquet": "parquet"}
