@@ -8,7 +8,7 @@ TORCH_PIN ?= torch==2.13.0
 STAMP := $(VENV)/.setup-stamp
 PYTEST_WORKERS ?= 2
 
-.PHONY: setup test demo bench compare compile-check clean
+.PHONY: setup test demo bench micro-bench compare compile-check clean
 
 setup: $(STAMP)
 
@@ -31,6 +31,11 @@ demo: setup
 
 bench: setup
 	$(PY) -m benchmarks.run $(if $(QUICK),--quick,)
+
+# pytest-benchmark timings of the op, fwd+bwd (not part of test). BENCH_ARGS passes pytest-benchmark options, e.g.
+# BENCH_ARGS=--benchmark-autosave on one commit, then BENCH_ARGS=--benchmark-compare on the next.
+micro-bench: setup
+	$(PY) -m pytest benchmarks --benchmark-only $(BENCH_ARGS)
 
 # NTP vs NITP vs cosine regularisation on the tiny preset: plots and a summary under runs/compare/
 compare: setup
