@@ -195,14 +195,17 @@ class Checkpointer:
         self._barrier()
         needed = sum(_tensor_bytes(s.state_dict()) for s in state.tensor_state().values())
         try:
-            free = _megabytes(shutil.disk_usage(self.root).free)
+            free_bytes = shutil.disk_usage(self.root).free
+            # torch's zip writer may report a full disk only as "unexpected pos ..."
+            space = f"the file system has {_megabytes(free_bytes)} free" + (
+                " (less than that: the disk is full)" if free_bytes < needed else "")
         except OSError:
-            free = "an unknown amount"
+            space = "the free space could not be read"
         previous = list_checkpoints(self.root)
         kept = f"the previous checkpoint (step {previous[-1][0]}) is intact" if previous else "no earlier checkpoint"
         raise CheckpointWriteError(
             f"could not write the checkpoint of step {step} to {tmp} ({error}). It needs about "
-            f"{_megabytes(needed)} (model and optimizer tensors) and the file system has {free} free. The partial "
+            f"{_megabytes(needed)} (model and optimizer tensors) and {space}. The partial "
             f"files were removed; {kept}. Free some space (or use another --out) and continue with --resume auto")
 
     def _prune(self) -> None:
