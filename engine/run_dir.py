@@ -138,3 +138,28 @@ def claim_run_dir(out: str | os.PathLike, resume: str | None, overwrite: bool) -
         lock.release()
         raise
     return lock
+
+
+def claim_run_dir_on_rank0(out: str | os.PathLike, resume: str | None, overwrite: bool, rank: int,
+                           world_size: int) -> RunDirLock | None:
+    """``claim_run_dir`` on rank 0 (the lock's holder); every rank raises the same RunDirError if it fails.
+
+    Other ranks write nothing into --out before this returns: they wait in the broadcast.
+    """
+    lock, error = None, None
+    if rank == 0:
+        try:
+            lock = claim_run_dir(out, resume, overwrite)
+        except RunDirError as exc:
+            error = exc
+    if world_size > 1:
+        import torch.distributed as dist  # noqa: PLC0415 (a world of one needs no process group)
+
+        box = [None if error is None else (isinstance(error, RunDirBusyError), str(error))]
+        dist.broadcast_object_list(box, src=0)
+        if box[0] is not None and error is None:
+            busy, message = box[0]
+            error = (RunDirBusyError if busy else RunDirError)(message)
+    if error is not None:
+        raise error
+    return lock

@@ -33,11 +33,10 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
-                                                     set_model_state_dict, set_optimizer_state_dict)
 from torch.distributed.tensor import DTensor
 
 from engine.checkpoint import Checkpointer, check_resumable
+from engine.checkpoint.stateful import ModelState, OptimizerState
 from engine.config import TrainConfig, gradient_accumulation_steps, validate
 from engine.data import IGNORE_INDEX, DataBundle, build_data
 from engine.faults import StopSignals, debug_nan_steps, debug_signal_after
@@ -47,7 +46,7 @@ from engine.metrics import RunLogger, peak_flops_per_device, peak_memory_bytes, 
 from engine.model import HFImportError, NITPTransformer, config_from_hf, load_hf_weights
 from engine.optim import build_optimizer, build_scheduler
 from engine.parallel import DistInfo, close_distributed, init_distributed, parallelize
-from engine.run_dir import RunDirBusyError, RunDirError, RunDirLock, claim_run_dir
+from engine.run_dir import RunDirLock, claim_run_dir_on_rank0
 
 
 @dataclass
@@ -107,51 +106,6 @@ class TrainState:
         close_distributed(self.dist)
 
 
-class ModelState:
-    """The model's parameters as a DCP Stateful (sharded DTensors, resharded on load)."""
-
-    def __init__(self, model: torch.nn.Module):
-        self.model = model
-
-    def state_dict(self) -> dict[str, Any]:
-        return get_model_state_dict(self.model)
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        set_model_state_dict(self.model, state)
-
-
-class OptimizerState:
-    """The optimizer's per-parameter state (Adam moments, step counts) as a DCP Stateful."""
-
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
-        self.model, self.optimizer = model, optimizer
-
-    def state_dict(self) -> dict[str, Any]:
-        return get_optimizer_state_dict(self.model, self.optimizer)
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        set_optimizer_state_dict(self.model, self.optimizer, state)
-
-
-def claim_out(cfg: TrainConfig, info: DistInfo) -> RunDirLock | None:
-    """Rank 0 claims cfg.out (engine/run_dir.py); every rank raises the same RunDirError if that fails."""
-    lock, error = None, None
-    if info.is_main:
-        try:
-            lock = claim_run_dir(cfg.out, cfg.resume, cfg.overwrite)
-        except RunDirError as exc:
-            error = exc
-    if info.world_size > 1:
-        box = [None if error is None else (isinstance(error, RunDirBusyError), str(error))]
-        dist.broadcast_object_list(box, src=0)
-        if box[0] is not None and error is None:
-            busy, message = box[0]
-            error = (RunDirBusyError if busy else RunDirError)(message)
-    if error is not None:
-        raise error
-    return lock
-
-
 def build_state(cfg: TrainConfig) -> TrainState:
     """Join the process group, claim cfg.out, open the data, build and shard the model, make the optimizer."""
     info = init_distributed(cfg)
@@ -161,7 +115,8 @@ def build_state(cfg: TrainConfig) -> TrainState:
         if cfg.init_from_hf:  # continued pre-training from a Hugging Face checkpoint
             cfg, hf_weights = config_from_hf(cfg)
         validate(cfg, info.world_size)
-        lock = claim_out(cfg, info)  # before any data or model work
+        # before any data or model work
+        lock = claim_run_dir_on_rank0(cfg.out, cfg.resume, cfg.overwrite, info.rank, info.world_size)
         data = build_data(cfg, rank=info.rank, world_size=info.world_size)
         if hf_weights is not None and data.vocab_size > cfg.vocab_size:
             raise HFImportError(f"--init-from-hf: the data's vocabulary ({data.vocab_size}) is larger than "

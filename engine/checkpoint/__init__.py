@@ -4,7 +4,8 @@
 - checkpointer.py: atomic saves, clean failures (disk full), loading with fall-back (IO only:
   it is handed a stateful object, engine/trainer.TrainState);
 - resume.py: which config fields a resumed run may change and which it may not;
-- safe_io.py: nothing in a checkpoint is unpickled except DCP's own metadata classes.
+- safe_io.py: nothing in a checkpoint is unpickled except DCP's own metadata classes;
+- stateful.py: the model and the optimizer as DCP Stateful objects.
 
 The run directory's lock and relaunch rules: engine/run_dir.py. Stop signals and
 fault-injection hooks: engine/faults.py.
