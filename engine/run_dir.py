@@ -11,7 +11,9 @@ Rules, applied by rank 0 before any data or model work (``claim_run_dir``):
 3. Relaunch: if --out holds an earlier run (checkpoints, or metrics.jsonl records) and
    --resume is not given, the run is refused: pass ``--resume auto`` to continue it, a new
    --out, or ``--overwrite``, which MOVES the earlier run's files (checkpoints/, metrics.jsonl,
-   config.json) to ``<out>/previous/<UTC time>/``. Nothing is deleted.
+   config.json) to ``<out>/previous/<UTC time>/``. ``--resume auto`` into a folder whose run
+   died before its first checkpoint starts from scratch and moves that run's log aside the
+   same way. Nothing is deleted.
 
 The lock is advisory: it guards against a second run of this engine, on a file system where
 flock works across the processes involved (local disks; NFS v4 too; it does not guard runs on
@@ -126,7 +128,11 @@ def claim_run_dir(out: str | os.PathLike, resume: str | None, overwrite: bool) -
     lock = RunDirLock(path).acquire()
     try:
         found = earlier_run(path)
-        if found and not resume:
+        if found and resume == "auto" and not found.startswith("checkpoints"):
+            # Nothing to resume, but the log of a run that died before its first checkpoint is kept.
+            target = move_aside(path)
+            print(f"--resume auto: no checkpoint in {out}; the earlier run's log was moved to {target}", flush=True)
+        elif found and not resume:
             if not overwrite:
                 raise RunDirError(
                     f"--out {out} already holds an earlier run ({found}); pass --resume auto to continue it, "

@@ -47,10 +47,16 @@ def test_flipped_bits_in_a_shard_fall_back_to_the_previous_checkpoint(tmp_path, 
     shard.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match="__0_0.distcp: SHA-256 differs"):
         validate_checkpoint(shard.parent)
-    with pytest.warns(UserWarning, match=r"skipping checkpoint .*step_00000002: .*__0_0.distcp: SHA-256 differs"):
+    with pytest.warns(UserWarning, match=r"skipping checkpoint .*step_00000002: .*__0_0.distcp: SHA-256 differs"), \
+            pytest.warns(UserWarning, match=r"1 checkpoint\(s\) newer than step 1 .* moved to .*superseded"):
         run(small(tmp_path, steps=3, keep_last=0, resume="auto"))
     assert f"resumed from {tmp_path / 'checkpoints' / 'step_00000001'} (step 1)" in capsys.readouterr().out
     assert [r["step"] for r in rows(tmp_path)] == [1, 2, 3]
+    # Named explicitly, a corrupt checkpoint is refused (no fall-back), the reason in the error itself.
+    corrupt = next((tmp_path / "checkpoints" / "superseded").iterdir()) / "step_00000002"
+    with pytest.warns(UserWarning, match="SHA-256 differs"), \
+            pytest.raises(CheckpointError, match=r"no loadable checkpoint in .*step_00000002: step_00000002: .*SHA-256"):
+        run(small(tmp_path / "other", steps=3, resume=str(corrupt)))
 
 
 class _DiskFullStream:

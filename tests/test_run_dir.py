@@ -126,3 +126,12 @@ def test_bad_out_is_refused_naming_the_flag_before_any_data_work(tmp_path):
     finally:
         if cleanup:
             cleanup()
+
+
+def test_resume_auto_without_checkpoints_keeps_the_earlier_log(tmp_path, capsys):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 5.0}\n')  # a run killed before its first save
+    run(small(tmp_path, resume="auto"))
+    (previous,) = (tmp_path / "previous").iterdir()
+    assert (previous / "metrics.jsonl").read_text() == '{"step": 1, "loss": 5.0}\n'
+    assert "the earlier run's log was moved to" in capsys.readouterr().out
+    assert [r["step"] for r in rows(tmp_path)] == [1, 2]

@@ -248,9 +248,12 @@ class Checkpointer:
             if self.info.is_main:
                 print(f"--resume {spec}: no checkpoint in {self.root}; starting from scratch", flush=True)
             return None
-        candidates = [first] + [p for _, p in reversed(list_checkpoints(first.parent))
-                                if step_of(p) < step_of(first)]
+        # "auto" or a run folder: fall back to older checkpoints; a checkpoint folder named itself: that one only.
+        explicit = spec != "auto" and Path(spec).resolve() == first.resolve()
+        candidates = [first] + ([] if explicit else [p for _, p in reversed(list_checkpoints(first.parent))
+                                                     if step_of(p) < step_of(first)])
         share = (self.info.rank, self.info.world_size)  # ranks share the checksum reading
+        skipped: list[str] = []
         for path in candidates:
             try:
                 saved, error = validate_checkpoint(path, checksum_share=share), None
@@ -260,6 +263,7 @@ class Checkpointer:
                 saved, error = None, str(exc)
             error = self._first_error(error)
             if error:
+                skipped.append(f"{path.name}: {error}")
                 warnings.warn(f"skipping checkpoint {path}: {error}", stacklevel=2)
                 continue
             state.check_resumable(saved, str(path))
@@ -268,8 +272,8 @@ class Checkpointer:
             except UnsafeCheckpointError:
                 raise
             except (Exception, CheckpointException) as exc:  # DCP raises on every rank alike: all fall back
-                warnings.warn(f"skipping checkpoint {path}: loading failed ({type(exc).__name__}: {exc})",
-                              stacklevel=2)
+                skipped.append(f"{path.name}: loading failed ({type(exc).__name__}: {exc})")
+                warnings.warn(f"skipping checkpoint {path}: {skipped[-1].split(': ', 1)[1]}", stacklevel=2)
                 continue
             state.load_state_dict(saved)
             # Same world size: each rank its own RNG; otherwise rank r takes saved rank r mod saved world.
@@ -279,7 +283,8 @@ class Checkpointer:
             if self.info.is_main:
                 print(f"resumed from {path} (step {state.step})", flush=True)
             return path
-        raise CheckpointError(f"--resume {spec}: no loadable checkpoint in {first.parent}")
+        where = first if explicit else first.parent
+        raise CheckpointError(f"--resume {spec}: no loadable checkpoint in {where}: {'; '.join(skipped)}")
 
 
 def _cause(exc: BaseException) -> str:
