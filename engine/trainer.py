@@ -111,12 +111,12 @@ def build_state(cfg: TrainConfig) -> TrainState:
     info = init_distributed(cfg)
     lock = None
     try:
+        # --out first: a folder in use or holding an earlier run is refused before any data or model work
+        lock = claim_run_dir_on_rank0(cfg.out, cfg.resume, cfg.overwrite, info.rank, info.world_size)
         hf_weights = None
         if cfg.init_from_hf:  # continued pre-training from a Hugging Face checkpoint
             cfg, hf_weights = config_from_hf(cfg)
         validate(cfg, info.world_size)
-        # before any data or model work
-        lock = claim_run_dir_on_rank0(cfg.out, cfg.resume, cfg.overwrite, info.rank, info.world_size)
         data = build_data(cfg, rank=info.rank, world_size=info.world_size)
         if hf_weights is not None and data.vocab_size > cfg.vocab_size:
             raise HFImportError(f"--init-from-hf: the data's vocabulary ({data.vocab_size}) is larger than "
