@@ -7,35 +7,18 @@ run; fields that must stay fixed are all named in the refusal."""
 import contextlib
 import dataclasses
 import errno
-import json
 import os
 import subprocess
-from pathlib import Path
 
 import pytest
 import torch.distributed.checkpoint.filesystem as dcp_filesystem
+from run_cases import rows, small, steps_in
 
 from engine.checkpoint import (FIXED_ON_RESUME, MAY_CHANGE_ON_RESUME, CheckpointError, Checkpointer,
-                               CheckpointWriteError, ResumeMismatchError, list_checkpoints, validate_checkpoint)
-from engine.config import TrainConfig, make_config
+                               CheckpointWriteError, ResumeMismatchError, validate_checkpoint)
+from engine.config import TrainConfig
 from engine.metrics import truncate_metrics
 from engine.trainer import build_state, run
-
-SMALL = dict(data="synthetic", vocab_size=128, d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, ffn_hidden=64,
-             seq_len=16, batch_size=4, micro_batch_size=2, warmup_steps=4, log_every=1, steps=4)
-
-
-def small(out, **kw):
-    return make_config("tiny", **{**SMALL, **kw}, out=str(out))
-
-
-def rows(out):
-    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
-
-
-def steps_in(out):
-    return [s for s, _ in list_checkpoints(Path(out) / "checkpoints")]
-
 
 def test_flipped_bits_in_a_shard_fall_back_to_the_previous_checkpoint(tmp_path, capsys):
     run(small(tmp_path, steps=2, ckpt_every=1, keep_last=0))
@@ -90,7 +73,7 @@ def test_disk_full_leaves_nothing_partial_and_a_retry_works(tmp_path, monkeypatc
 
     monkeypatch.setattr(dcp_filesystem.FileSystem, "create_stream", create_stream)
     with pytest.raises(CheckpointWriteError) as failure:
-        run(small(tmp_path, ckpt_every=2, async_ckpt=async_ckpt))
+        run(small(tmp_path, steps=4, ckpt_every=2, async_ckpt=async_ckpt))
     message = str(failure.value)
     assert f"could not write the checkpoint of step 4 to {tmp_path / 'checkpoints' / 'step_00000004.tmp'}" in message
     assert "No space left on device" in message and "the previous checkpoint (step 2) is intact" in message
@@ -99,8 +82,8 @@ def test_disk_full_leaves_nothing_partial_and_a_retry_works(tmp_path, monkeypatc
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000002"]
     validate_checkpoint(tmp_path / "checkpoints" / "step_00000002")
     monkeypatch.undo()  # space again: the retry resumes from step 2 and saves step 4
-    run(small(tmp_path, ckpt_every=2, async_ckpt=async_ckpt, resume="auto"))
-    assert steps_in(tmp_path) == [2, 4] and [r["step"] for r in rows(tmp_path)] == [1, 2, 3, 4]
+    run(small(tmp_path, steps=4, ckpt_every=2, async_ckpt=async_ckpt, resume="auto"))
+    assert steps_in(tmp_path / "checkpoints") == [2, 4] and [r["step"] for r in rows(tmp_path)] == [1, 2, 3, 4]
 
 
 def test_a_real_full_file_system(tmp_path):
@@ -119,7 +102,7 @@ def test_a_real_full_file_system(tmp_path):
         assert not (out / "checkpoints" / "step_00000002.tmp").exists()
         subprocess.run(["mount", "-o", "remount,size=4m", str(out)], check=True)
         run(small(out, steps=2, resume="auto"))
-        assert steps_in(out) == [2]
+        assert steps_in(out / "checkpoints") == [2]
     finally:
         subprocess.run(["umount", str(out)], check=True)
 

@@ -3,35 +3,18 @@ naming the holder's pid, a killed run frees it, a relaunch without --resume is r
 moves the earlier run aside, an abandoned timeline is moved (never deleted), a bad --out is refused
 before any data or model work, and a torn metrics line is dropped on resume."""
 
-import json
 import os
 import subprocess
 import sys
 import time
-from pathlib import Path
-
 import pytest
+from run_cases import SMALL, rows, small, steps_in
 
 from engine.checkpoint import list_checkpoints, validate_checkpoint
-from engine.config import make_config
 from engine.run_dir import RunDirBusyError, RunDirError
 from engine.trainer import run
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMALL = dict(data="synthetic", vocab_size=128, d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, ffn_hidden=64,
-             seq_len=16, batch_size=4, micro_batch_size=2, warmup_steps=4, log_every=1, steps=2)
-
-
-def small(out, **kw):
-    return make_config("tiny", **{**SMALL, **kw}, out=str(out))
-
-
-def rows(out):
-    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
-
-
-def steps_in(root):
-    return [s for s, _ in list_checkpoints(Path(root))]
 
 
 def test_kill_concurrent_start_and_torn_metrics_line(tmp_path):
