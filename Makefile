@@ -26,8 +26,9 @@ compile-check: setup
 test: setup compile-check
 	$(PY) -m pytest -q -n $(PYTEST_WORKERS) tests
 
+# Run again, the demo continues where it stopped (a finished one reports that there is nothing to train).
 demo: setup
-	$(PY) engine/train.py --preset tiny --out runs/demo
+	$(PY) engine/train.py --preset tiny --out runs/demo --resume auto
 
 bench: setup
 	$(PY) -m benchmarks.run $(if $(QUICK),--quick,)
@@ -37,9 +38,10 @@ bench: setup
 micro-bench: setup
 	$(PY) -m pytest benchmarks --benchmark-only $(BENCH_ARGS)
 
-# NTP vs NITP vs cosine regularisation on the tiny preset: plots and a summary under runs/compare/
+# NTP vs NITP vs cosine regularisation on the tiny preset: plots and a summary under
+# runs/compare/<UTC time>/ (a fresh folder each time: the comparison times every run from scratch)
 compare: setup
-	$(PY) -m engine.compare $(if $(QUICK),--quick,)
+	$(PY) -m engine.compare $(if $(QUICK),--quick,) --out runs/compare/$$(date -u +%Y%m%dT%H%M%SZ)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -98,6 +98,7 @@ class TrainConfig:
     keep_last: int = 2             # complete checkpoints kept (0: all)
     max_bad_steps: int = 5         # stop after this many consecutive non-finite steps (0: never)
     async_ckpt: bool = False       # dcp.async_save: training continues while the files are written
+    overwrite: bool = False        # an earlier run in --out is moved to <out>/previous/ (engine/run_dir.py)
     init_from_hf: str | None = None  # start from a Hugging Face checkpoint folder (engine/model/hf_adapter.py)
 
     @property
