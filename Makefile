@@ -41,7 +41,7 @@ micro-bench: setup
 # NTP vs NITP vs cosine regularisation on the tiny preset: plots and a summary under
 # runs/compare/<UTC time>/ (a fresh folder each time: the comparison times every run from scratch)
 compare: setup
-	$(PY) -m engine.compare $(if $(QUICK),--quick,) --out runs/compare/$$(date -u +%Y%m%dT%H%M%SZ)
+	$(PY) -m engine.compare $(if $(QUICK),--quick,)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
