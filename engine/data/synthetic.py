@@ -7,10 +7,10 @@ from typing import Any
 
 import numpy as np
 
+from engine.data.config import SYNTHETIC_TOKENS
 from engine.data.loader import TokenStream, split_documents, token_dtype
 
 SYNTHETIC_SEED = 1234
-SYNTHETIC_TOKENS = 1 << 20
 
 
 def synthetic_stream(vocab_size: int, n_tokens: int = SYNTHETIC_TOKENS,
@@ -41,7 +41,6 @@ def select_documents(stream: TokenStream, doc_ids: np.ndarray) -> TokenStream:
     lengths = np.diff(stream.doc_starts)[doc_ids]
     tokens = np.concatenate(pieces) if pieces else stream.tokens[:0]
     return TokenStream(np.asarray(tokens), np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
-
 
 
 def open_synthetic(vocab_size: int, n_tokens: int, val_fraction: float
