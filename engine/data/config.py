@@ -16,6 +16,8 @@ SYNTHETIC_TOKENS = 1 << 20
 # Training reads at most this much text (a seeded random sample of the training documents):
 # 8 MiB trains an 8192-token BPE in a few seconds on 2 cores and covers code and prose well.
 TOKENIZER_SAMPLE_BYTES = 8 * 2**20
+MIN_BPE_VOCAB = 257       # a byte-level BPE: 256 byte symbols + end-of-document
+MIN_SYNTHETIC_VOCAB = 8   # the synthetic bigram source: EOD + 7 tokens with 4 successors each
 
 
 class DataError(ValueError):

@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from engine.data.config import TOKENIZER_SAMPLE_BYTES, DataError
+from engine.data.config import MIN_BPE_VOCAB, TOKENIZER_SAMPLE_BYTES, DataError
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,6 @@ TRAIN_PIECE_CHARS = 1000
 ENCODE_PIECE_CHARS = 1000
 ENCODE_BATCH_CHARS = 4 * 2**20  # characters per encode_batch call: bounds the Encodings alive
 BPE_VERSION = "bytelevel-bpe-v2"
-MIN_BPE_VOCAB = 257  # 256 byte symbols + EOD
 # Unicode White_Space, the `\s` of the Rust regex behind the byte-level pre-tokenizer (Python's
 # `\s` also matches \x1c-\x1f, which the pre-tokenizer treats as punctuation).
 _WHITESPACE = "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
