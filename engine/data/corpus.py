@@ -75,20 +75,28 @@ def _file_record(path: Path) -> dict[str, Any]:
     return {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
 
 
-def write_checksums(folder: Path, tokenizer_path: Path) -> None:
-    """checksums.json: size and sha256 of every cached file and of the tokenizer used."""
+def write_checksums(folder: Path, cache_root: Path, tokenizer_path: Path) -> None:
+    """checksums.json: size and sha256 of every cached file and of the tokenizer used (its path
+    relative to the cache root when it lies inside, so a moved or copied cache stays whole)."""
+    tokenizer = tokenizer_path.resolve()
+    try:
+        where = {"cache_path": str(tokenizer.relative_to(cache_root.resolve()))}
+    except ValueError:
+        where = {"path": str(tokenizer)}
     record = {"files": {name: _file_record(folder / name) for name in CACHED_FILES},
-              "tokenizer": {"path": str(tokenizer_path.resolve()), **_file_record(tokenizer_path)}}
+              "tokenizer": {**where, **_file_record(tokenizer)}}
     (folder / CHECKSUMS).write_text(json.dumps(record, indent=1))
 
 
-def verify_prepared(folder: Path) -> tuple[dict[str, Any] | None, str]:
+def verify_prepared(folder: Path, cache_root: Path) -> tuple[dict[str, Any] | None, str]:
     """(meta, "") when every file matches checksums.json, else (None, what is wrong).
     Sizes are compared first, so a truncated or extended file costs no hashing."""
     try:
         record = json.loads((folder / CHECKSUMS).read_text())
+        tok = record["tokenizer"]
+        tok_path = cache_root / tok["cache_path"] if "cache_path" in tok else Path(tok["path"])
         expected = [(folder / name, want) for name, want in record["files"].items()]
-        expected.append((Path(record["tokenizer"]["path"]), record["tokenizer"]))
+        expected.append((tok_path, tok))
         for path, want in expected:
             if path.stat().st_size != want["bytes"]:
                 return None, f"{path.name} has {path.stat().st_size} bytes, expected {want['bytes']}"
@@ -100,6 +108,8 @@ def verify_prepared(folder: Path) -> tuple[dict[str, Any] | None, str]:
         meta = json.loads((folder / "meta.json").read_text())
         if not isinstance(meta, dict):
             return None, "meta.json is not a JSON object"
+        if meta.get("data_tokenizer_trained"):
+            meta["data_tokenizer"] = str(tok_path)  # where it is now
         return meta, ""
     except (OSError, ValueError, KeyError, TypeError) as err:  # missing or garbage files
         return None, f"{type(err).__name__}: {err}"
@@ -125,9 +135,10 @@ def prepare(cfg: DataConfig) -> tuple[Path, dict[str, Any]]:
     settings = [PREP_VERSION, digest, cfg.val_fraction, cfg.text_field, tok_hash,
                 None if tok_path else [cfg.vocab_size, budget]]
     key = hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:20]
-    folder = Path(cfg.data_cache_dir) / "prepared" / key
+    cache_root = Path(cfg.data_cache_dir)
+    folder = cache_root / "prepared" / key
     if folder.exists():
-        meta, problem = verify_prepared(folder)
+        meta, problem = verify_prepared(folder, cache_root)
         if meta is not None:
             log.info("prepared data cache hit: %s", folder)
             return folder, {**meta, "data_prep_cache_hit": True, "data_tokenizer_cache_hit": True}
@@ -171,7 +182,7 @@ def prepare(cfg: DataConfig) -> tuple[Path, dict[str, Any]]:
     info["data_tokenize_seconds"] = round(time.perf_counter() - enc_start, 2)
     info["data_prep_seconds"] = round(time.perf_counter() - start, 2)
     (tmp / "meta.json").write_text(json.dumps(info, indent=1))
-    write_checksums(tmp, used_tokenizer)
+    write_checksums(tmp, cache_root, used_tokenizer)
     try:
         os.replace(tmp, folder)
     except OSError:  # another process finished the same preparation first; theirs is identical

@@ -39,8 +39,9 @@ EOD_CANDIDATES = (EOD_TOKEN, "</s>", "<|end_of_text|>", "<eos>", "<|eot_id|>", "
 # neither dominates the vocabulary nor the training time.
 TOKENIZER_DOC_BYTES = 2**20
 # Pieces handed to the BPE trainer: a whitespace-free run longer than this is cut (the trainer's
-# cost grows with the square of the longest pre-token; at 1000 characters it stays linear).
-TRAIN_PIECE_CHARS = 1000
+# cost grows much faster than linearly with the longest pre-token; 256 characters keep long
+# identifiers and URLs whole).
+TRAIN_PIECE_CHARS = 256
 # Pieces handed to the encoder (cut at whitespace, so the ids are those of the whole text): one
 # huge Encoding costs ~100 bytes per token; small pieces also spread over the encoder's threads.
 ENCODE_PIECE_CHARS = 1000
