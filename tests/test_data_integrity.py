@@ -114,3 +114,19 @@ def test_two_megabyte_line_without_whitespace_prepares_in_seconds(tmp_path):
     tok = Tokenizer.from_file(bundle.info["data_tokenizer"])
     assert tok.decode(bundle.train.stream.tokens[:-1].tolist()) == line  # lossless
     assert bundle.info["data_tokenizer_sample_bytes"] == 2**20  # one document contributes at most 1 MiB
+
+
+def test_encode_documents_in_bounded_batches_gives_each_documents_ids(monkeypatch):
+    import engine.data.tokenizer as tokenizer_module
+
+    texts = [" ".join(WORDS[i:] + WORDS[:i]) * (1 + 3 * i) for i in range(8)]
+    tok = train_bpe(texts, 300)
+    monkeypatch.setattr(tokenizer_module, "ENCODE_PIECE_CHARS", 20)  # every document in several pieces,
+    monkeypatch.setattr(tokenizer_module, "ENCODE_BATCH_CHARS", 50)  # and in several batches
+    docs, current = [], []
+    for ids, ends in tokenizer_module.encode_documents(tok, texts):
+        current += ids.tolist()
+        if ends:
+            docs.append(current)
+            current = []
+    assert not current and docs == [tok.encode(t, add_special_tokens=False).ids for t in texts]

@@ -61,12 +61,15 @@ def _write_stream(path: Path, texts: list[str], tokenizer: Any, eod_id: int, dty
     """Encode `texts` (EOD after each) into the raw token file `path` and the document start
     offsets into <split>_docs.npy beside it. Returns the token count."""
     starts, total = [0], 0
+    eod = np.asarray([eod_id], dtype=dtype)
     with open(path, "wb") as f:
-        for ids in encode_documents(tokenizer, texts):
-            tokens = np.asarray(ids + [eod_id], dtype=dtype)
-            tokens.tofile(f)
-            total += len(tokens)
-            starts.append(total)
+        for ids, ends_document in encode_documents(tokenizer, texts):
+            ids.astype(dtype).tofile(f)
+            total += len(ids)
+            if ends_document:
+                eod.tofile(f)
+                total += 1
+                starts.append(total)
     np.save(path.parent / f"{path.stem}_docs.npy", np.asarray(starts, dtype=np.int64))
     return total
 

@@ -45,7 +45,7 @@ TRAIN_PIECE_CHARS = 256
 # Pieces handed to the encoder (cut at whitespace, so the ids are those of the whole text): one
 # huge Encoding costs ~100 bytes per token; small pieces also spread over the encoder's threads.
 ENCODE_PIECE_CHARS = 1000
-ENCODE_BATCH_CHARS = 4 * 2**20  # characters per encode_batch call: bounds the Encodings alive
+ENCODE_BATCH_CHARS = 2**20  # characters per encode_batch call: bounds the Encodings alive
 BPE_VERSION = "bytelevel-bpe-v2"
 # Unicode White_Space, the `\s` of the Rust regex behind the byte-level pre-tokenizer (Python's
 # `\s` also matches \x1c-\x1f, which the pre-tokenizer treats as punctuation).
@@ -151,30 +151,43 @@ def train_bpe(texts: Sequence[str], vocab_size: int) -> Any:
     return tokenizer
 
 
-def encode_documents(tokenizer: Any, texts: Iterable[str]) -> Iterator[list[int]]:
-    """The ids of each text (no special tokens), in order; memory bounded by ENCODE_BATCH_CHARS
-    whatever the documents' sizes (each is encoded in pieces, see `split_text`)."""
+def _mark_last(items: Iterable[str]) -> Iterator[tuple[str, bool]]:
+    """(item, is it the last one) for each item."""
+    iterator = iter(items)
+    previous = next(iterator)
+    for item in iterator:
+        yield previous, False
+        previous = item
+    yield previous, True
+
+
+def encode_documents(tokenizer: Any, texts: Iterable[str]) -> Iterator[tuple[np.ndarray, bool]]:
+    """The ids of the texts (no special tokens), in order, as (ids, ends a document) parts: a
+    document comes as one part or several consecutive ones, the last with True. Memory stays
+    bounded by ENCODE_BATCH_CHARS whatever the documents' sizes (see `split_text`)."""
     encode = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
     pieces: list[str] = []
-    last_piece_of: list[int] = []  # for each pending document, the index of its last piece
+    ends: list[bool] = []  # whether each pending piece is the last of its document
     n_chars = 0
 
-    def flush() -> Iterator[list[int]]:
+    def flush() -> Iterator[tuple[np.ndarray, bool]]:
         encodings = encode(pieces, add_special_tokens=False)
         first = 0
-        for last in last_piece_of:
-            yield [i for enc in encodings[first:last + 1] for i in enc.ids]
-            first = last + 1
+        for k, end in enumerate(ends):
+            if end or k == len(ends) - 1:
+                parts = [np.asarray(enc.ids, dtype=np.int64) for enc in encodings[first:k + 1]]
+                yield np.concatenate(parts), end
+                first = k + 1
 
     for text in texts:
-        for piece in split_text(text, ENCODE_PIECE_CHARS):
+        for piece, last in _mark_last(split_text(text, ENCODE_PIECE_CHARS)):
             pieces.append(piece)
+            ends.append(last)
             n_chars += len(piece)
-        last_piece_of.append(len(pieces) - 1)
-        if n_chars >= ENCODE_BATCH_CHARS:
-            yield from flush()
-            pieces, last_piece_of, n_chars = [], [], 0
-    if last_piece_of:
+            if n_chars >= ENCODE_BATCH_CHARS:
+                yield from flush()
+                pieces, ends, n_chars = [], [], 0
+    if pieces:
         yield from flush()
 
 
