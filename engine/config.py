@@ -244,7 +244,8 @@ def _check_data_settings(cfg: TrainConfig) -> None:
 
 
 def validate(cfg: TrainConfig, world_size: int = 1) -> None:
-    """Raise ValueError naming the first inconsistent field; does nothing on a valid config."""
+    """Raise ValueError naming the first inconsistent field; does nothing on a valid config.
+    Number types and the ranges of float fields: _check_numbers; data settings: _check_data_settings."""
     _check_numbers(cfg)
     _check_data_settings(cfg)
     _check(cfg.preset in PRESETS, f"unknown preset {cfg.preset!r}; choose one of {', '.join(PRESETS)}")
@@ -263,7 +264,6 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     _check(0 <= cfg.nitp_layer <= cfg.n_layers - 1,
            f"nitp_layer={cfg.nitp_layer} is outside 0..{cfg.n_layers - 1} (n_layers={cfg.n_layers}; "
            "0 = embeddings)")
-    _check(cfg.nitp_weight >= 0, f"nitp_weight (λ) must be >= 0, got {cfg.nitp_weight}")
     _check(0 <= cfg.nitp_shift < cfg.seq_len,
            f"nitp_shift={cfg.nitp_shift} must satisfy 0 <= shift < seq_len={cfg.seq_len}")
     _check(cfg.objective in OBJECTIVES, f"objective {cfg.objective!r} is not one of {OBJECTIVES}")
@@ -272,14 +272,6 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     _check(cfg.backend in BACKENDS, f"backend {cfg.backend!r} is not one of {BACKENDS}")
     _check(cfg.device in DEVICES, f"device {cfg.device!r} is not one of {DEVICES}")
     _check(cfg.param_dtype in PARAM_DTYPES, f"param_dtype {cfg.param_dtype!r} is not one of {PARAM_DTYPES}")
-    _check(cfg.lr > 0, f"lr must be positive, got {cfg.lr}")
-    _check(0.0 <= cfg.decay_ratio <= 1.0, f"decay_ratio must be in [0, 1], got {cfg.decay_ratio}")
-    _check(0.0 <= cfg.min_lr_ratio <= 1.0, f"min_lr_ratio must be in [0, 1], got {cfg.min_lr_ratio}")
-    _check(0.0 <= cfg.beta1 < 1.0 and 0.0 <= cfg.beta2 < 1.0,
-           f"beta1/beta2 must be in [0, 1), got {cfg.beta1}/{cfg.beta2}")
-    _check(0.0 <= cfg.val_fraction < 1.0, f"val_fraction must be in [0, 1), got {cfg.val_fraction}")
-    _check(cfg.peak_tflops is None or cfg.peak_tflops > 0,
-           f"peak_tflops must be positive or None, got {cfg.peak_tflops}")
     for name in ("ckpt_every", "keep_last", "max_bad_steps"):
         _check(getattr(cfg, name) >= 0, f"{name} must be >= 0, got {getattr(cfg, name)}")
     _check(cfg.resume is None or (isinstance(cfg.resume, str) and cfg.resume != ""),

@@ -47,8 +47,8 @@ TRAIN_PIECE_CHARS = 256
 ENCODE_PIECE_CHARS = 1000
 ENCODE_BATCH_CHARS = 2**20  # characters per encode_batch call: bounds the Encodings alive
 BPE_VERSION = "bytelevel-bpe-v2"
-# Unicode White_Space, the `\s` of the Rust regex behind the byte-level pre-tokenizer (Python's
-# `\s` also matches \x1c-\x1f, which the pre-tokenizer treats as punctuation).
+# Unicode White_Space: what `\s` matches in the byte-level pre-tokenizer's regex (Python's `\s`
+# also matches \x1c-\x1f, which that regex treats as punctuation).
 _WHITESPACE = "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
 
 
