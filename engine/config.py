@@ -12,8 +12,12 @@ and decay ratio 0.2, context 8192, Qwen2 vocabulary (152064), and each model's N
 from __future__ import annotations
 
 import dataclasses
+import math
+import typing
 from dataclasses import dataclass, fields
 from typing import Any
+
+from engine.cli import TRACEBACK_HELP, OneLineArgumentParser, cli_errors
 
 OBJECTIVES = ("nitp", "ntp", "cosreg")
 NITP_LOSS_TYPES = ("cosine", "mse", "smooth_l1", "kl")
@@ -171,8 +175,80 @@ def _check(cond: bool, msg: str) -> None:
         raise ValueError(msg)
 
 
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+# Allowed ranges of the float fields: (low, low included, high, high included). Every float field,
+# listed here or not, must also be finite: inf and nan would train on NaN and exit 0.
+_FLOAT_RANGES: dict[str, tuple[float, bool, float, bool]] = {
+    "rope_theta": (0.0, False, math.inf, False), "norm_eps": (0.0, False, math.inf, False),
+    "init_std": (0.0, False, math.inf, False), "lr": (0.0, False, math.inf, False),
+    "peak_tflops": (0.0, False, math.inf, False),
+    "nitp_weight": (0.0, True, math.inf, False), "z_loss_weight": (0.0, True, math.inf, False),
+    "moe_aux_weight": (0.0, True, math.inf, False), "weight_decay": (0.0, True, math.inf, False),
+    "grad_clip": (0.0, True, math.inf, False),
+    "min_lr_ratio": (0.0, True, 1.0, True), "decay_ratio": (0.0, True, 1.0, True),
+    "beta1": (0.0, True, 1.0, False), "beta2": (0.0, True, 1.0, False),
+    "val_fraction": (0.0, True, 1.0, False),
+}
+
+
+def _allowed(low: float, low_in: bool, high: float, high_in: bool) -> str:
+    if high == math.inf:
+        return f"a finite number {'>=' if low_in else '>'} {low:g}"
+    return f"a number in {'[' if low_in else '('}{low:g}, {high:g}{']' if high_in else ')'}"
+
+
+def _check_numbers(cfg: TrainConfig) -> None:
+    """Every number field has its type (int or float, never bool), floats are finite and in range."""
+    hints = typing.get_type_hints(TrainConfig)
+    for f in fields(TrainConfig):
+        value, kinds = getattr(cfg, f.name), set(typing.get_args(hints[f.name])) or {hints[f.name]}
+        if value is None and type(None) in kinds or kinds - {type(None)} not in ({int}, {float}):
+            continue  # optional and unset, or not a plain number field (strings, "auto" or an int)
+        if float in kinds:
+            allowed = _allowed(*_FLOAT_RANGES[f.name]) if f.name in _FLOAT_RANGES else "a finite number"
+            low, low_in, high, high_in = _FLOAT_RANGES.get(f.name, (-math.inf, False, math.inf, False))
+            _check(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+                   and (value >= low if low_in else value > low) and (value <= high if high_in else value < high),
+                   f"{_flag(f.name)} must be {allowed}, got {value!r}")
+        else:
+            _check(isinstance(value, int) and not isinstance(value, bool),
+                   f"{_flag(f.name)} must be an integer, got {value!r}")
+    _check(cfg.seed >= 0, f"--seed must be an integer >= 0, got {cfg.seed}")
+
+
+def _check_data_settings(cfg: TrainConfig) -> None:
+    """What the data pipeline would refuse only after preparing the data: refused now."""
+    from engine.data.config import MIN_BPE_VOCAB, MIN_SYNTHETIC_VOCAB
+
+    for name in ("data", "text_field", "data_cache_dir", "out"):
+        _check(isinstance(getattr(cfg, name), str) and getattr(cfg, name).strip() != "",
+               f"{_flag(name)} must be a non-empty string, got {getattr(cfg, name)!r}")
+    _check(cfg.tokenizer is None or cfg.tokenizer.strip() != "",
+           f"--tokenizer must be a tokenizer.json path or none, got {cfg.tokenizer!r}")
+    if cfg.eval_every > 0:
+        _check(cfg.val_fraction > 0,
+               f"--eval-every {cfg.eval_every} needs a validation split, but --val-fraction is "
+               f"{cfg.val_fraction}: set --val-fraction > 0 (e.g. 0.01) or --eval-every 0")
+        _check(cfg.eval_batches >= 1,
+               f"--eval-batches must be >= 1 with --eval-every {cfg.eval_every}, got {cfg.eval_batches}")
+    if cfg.data == "synthetic":
+        _check(cfg.vocab_size >= MIN_SYNTHETIC_VOCAB,
+               f"--vocab-size {cfg.vocab_size} is too small for --data synthetic: it needs >= "
+               f"{MIN_SYNTHETIC_VOCAB}")
+    elif cfg.tokenizer is None and cfg.init_from_hf is None:
+        _check(cfg.vocab_size >= MIN_BPE_VOCAB,
+               f"--vocab-size {cfg.vocab_size} is too small for the byte-level BPE trained on --data "
+               f"{cfg.data}: it needs >= {MIN_BPE_VOCAB} (256 bytes + end-of-document)")
+
+
 def validate(cfg: TrainConfig, world_size: int = 1) -> None:
-    """Raise ValueError naming the first inconsistent field; does nothing on a valid config."""
+    """Raise ValueError naming the first inconsistent field; does nothing on a valid config.
+    Number types and the ranges of float fields: _check_numbers; data settings: _check_data_settings."""
+    _check_numbers(cfg)
+    _check_data_settings(cfg)
     _check(cfg.preset in PRESETS, f"unknown preset {cfg.preset!r}; choose one of {', '.join(PRESETS)}")
     for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden", "steps",
                  "batch_size", "micro_batch_size", "seq_len", "log_every", "nitp_projector_mult"):
@@ -189,7 +265,6 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     _check(0 <= cfg.nitp_layer <= cfg.n_layers - 1,
            f"nitp_layer={cfg.nitp_layer} is outside 0..{cfg.n_layers - 1} (n_layers={cfg.n_layers}; "
            "0 = embeddings)")
-    _check(cfg.nitp_weight >= 0, f"nitp_weight (λ) must be >= 0, got {cfg.nitp_weight}")
     _check(0 <= cfg.nitp_shift < cfg.seq_len,
            f"nitp_shift={cfg.nitp_shift} must satisfy 0 <= shift < seq_len={cfg.seq_len}")
     _check(cfg.objective in OBJECTIVES, f"objective {cfg.objective!r} is not one of {OBJECTIVES}")
@@ -198,14 +273,6 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     _check(cfg.backend in BACKENDS, f"backend {cfg.backend!r} is not one of {BACKENDS}")
     _check(cfg.device in DEVICES, f"device {cfg.device!r} is not one of {DEVICES}")
     _check(cfg.param_dtype in PARAM_DTYPES, f"param_dtype {cfg.param_dtype!r} is not one of {PARAM_DTYPES}")
-    _check(cfg.lr > 0, f"lr must be positive, got {cfg.lr}")
-    _check(0.0 <= cfg.decay_ratio <= 1.0, f"decay_ratio must be in [0, 1], got {cfg.decay_ratio}")
-    _check(0.0 <= cfg.min_lr_ratio <= 1.0, f"min_lr_ratio must be in [0, 1], got {cfg.min_lr_ratio}")
-    _check(0.0 <= cfg.beta1 < 1.0 and 0.0 <= cfg.beta2 < 1.0,
-           f"beta1/beta2 must be in [0, 1), got {cfg.beta1}/{cfg.beta2}")
-    _check(0.0 <= cfg.val_fraction < 1.0, f"val_fraction must be in [0, 1), got {cfg.val_fraction}")
-    _check(cfg.peak_tflops is None or cfg.peak_tflops > 0,
-           f"peak_tflops must be positive or None, got {cfg.peak_tflops}")
     for name in ("ckpt_every", "keep_last", "max_bad_steps"):
         _check(getattr(cfg, name) >= 0, f"{name} must be >= 0, got {getattr(cfg, name)}")
     _check(cfg.resume is None or (isinstance(cfg.resume, str) and cfg.resume != ""),
@@ -244,13 +311,15 @@ def _parse_bool(text: str) -> bool:
     raise ValueError(f"expected a boolean (true/false), got {text!r}")
 
 
+_parse_bool.__name__ = "boolean"  # argparse: "invalid boolean value: 'maybe'"
+
+
 def _parser():
     """argparse parser with one ``--field-name`` option per config field (``--field_name`` too)."""
     import argparse
-    import typing
 
-    parser = argparse.ArgumentParser(description="NITP pre-training (FSDP2).",
-                                     argument_default=argparse.SUPPRESS)
+    parser = OneLineArgumentParser(description="NITP pre-training (FSDP2).", epilog=TRACEBACK_HELP,
+                                   argument_default=argparse.SUPPRESS)
     hints = typing.get_type_hints(TrainConfig)
     for f in fields(TrainConfig):
         flags = [f"--{f.name.replace('_', '-')}"] + ([f"--{f.name}"] if "_" in f.name else [])
@@ -267,6 +336,8 @@ def _parser():
                 return None
             return base(text)
 
+        convert.__name__ = base.__name__  # argparse names it in "invalid float value: 'abc'"
+
         parser.add_argument(*flags, dest=f.name, type=convert, metavar=base.__name__.upper(),
                             help=f"(default {f.default})")
     return parser
@@ -274,11 +345,9 @@ def _parser():
 
 def parse_cli(argv: list[str] | None = None, world_size: int = 1) -> TrainConfig:
     """Config from command-line flags; any invalid value exits with one message, no traceback."""
-    try:
+    with cli_errors():
         args = vars(_parser().parse_args(argv))
         preset = args.pop("preset", "tiny")
         cfg = make_config(preset, **args)
         validate(cfg, world_size)
-    except ValueError as exc:
-        raise SystemExit(f"error: {exc}") from None
     return cfg

@@ -1,21 +1,14 @@
-"""Real corpora: find the documents, tokenize them once into memory-mapped files, reopen them.
+"""Real corpora: tokenize the documents once into memory-mapped files, check and reopen them.
 
-Sources (cfg.data):
-  "stdlib"           the .py files of the running Python's standard library (one file = one
-                     document; site-packages/dist-packages and the data folders of test
-                     directories excluded).
-  a file/directory   .txt (one file = one document), .jsonl and .parquet (one record = one
-                     document, text in cfg.text_field), read with Hugging Face `datasets`.
-  a dataset name     "owner/name" or "owner/name:config", split "train", via `datasets`
-                     (needs a network or a warm Hugging Face cache).
+Which documents a source holds, and what is skipped: engine.data.documents.
 
-Preparation is cached under cfg.data_cache_dir, keyed by the corpus hash (sha256 over the sorted
+Preparation is cached under --data-cache-dir, keyed by the corpus hash (sha256 over the sorted
 relative paths and contents of the files) and the settings: train.bin / val.bin hold the token ids
 (uint16 or uint32), train_docs.npy / val_docs.npy the document start offsets, meta.json the
-counts. The folder is built under a temporary name and renamed, so it is complete or absent.
-
-Bad data is skipped and counted, never fatal: empty files, files that are not UTF-8 (.txt, .py,
-.jsonl), files `datasets` cannot read, and empty, non-text or non-UTF-8 records.
+counts, and checksums.json the size and sha256 of each of those files and of the tokenizer.json
+the tokens were made with. The folder is built under a temporary name and renamed, so it is
+complete or absent; a cached folder whose files do not match checksums.json (truncated, overwritten,
+an unreadable meta.json, a changed tokenizer) is set aside with a warning and prepared again.
 """
 
 from __future__ import annotations
@@ -25,7 +18,6 @@ import json
 import logging
 import os
 import shutil
-import sysconfig
 import tempfile
 import time
 from pathlib import Path
@@ -33,190 +25,22 @@ from typing import Any
 
 import numpy as np
 
-from engine.data.loader import DataError, TokenStream, split_documents, token_dtype
-from engine.data.tokenizer import TOKENIZER_SAMPLE_BYTES, cached_bpe, file_sha256, load_tokenizer
+from engine.data.config import DataConfig, DataError
+from engine.data.documents import (collect_documents, corpus_hash, load_hf_dataset, local_files,
+                                   looks_like_path, stdlib_files)
+from engine.data.loader import TokenStream, split_documents, token_dtype
+from engine.data.tokenizer import cached_bpe, encode_documents, file_sha256, load_tokenizer
 
 log = logging.getLogger(__name__)
 
-PREP_VERSION = "prep-v1"
-FORMATS = {".txt": "text", ".jsonl": "json", ".parquet": "parquet"}
-ENCODE_CHUNK_DOCS = 512  # documents per encode_batch call: bounds the Encoding objects alive
+PREP_VERSION = "prep-v2"
+CHECKSUMS = "checksums.json"
+CACHED_FILES = ("train.bin", "val.bin", "train_docs.npy", "val_docs.npy", "meta.json")
 
 
-def stdlib_files() -> tuple[Path, list[Path]]:
-    """The standard library's .py files, sorted; site-packages and test data folders excluded."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    keep = []
-    for folder, subdirs, names in os.walk(root):
-        parts = Path(folder).relative_to(root).parts
-        in_tests = any(p in ("test", "tests", "idle_test") for p in parts)
-        # pruned in place so os.walk never descends into installed packages (often most of the
-        # tree); test folders hold deliberately broken or foreign-encoded data files
-        subdirs[:] = sorted(d for d in subdirs if d not in ("site-packages", "dist-packages",
-                                                            "__pycache__")
-                            and not (in_tests and (d.endswith("data") or d == "encoded_modules")))
-        keep += [Path(folder) / n for n in names if n.endswith(".py")]
-    return root, sorted(keep)
-
-
-def local_files(data: str) -> tuple[Path, list[Path]]:
-    """The supported files at a path (recursively for a directory; hidden entries skipped)."""
-    path = Path(data).expanduser()
-    if path.is_file():
-        if path.suffix not in FORMATS:
-            raise DataError(f"--data {data}: unsupported file type {path.suffix!r}; "
-                            f"use one of {', '.join(FORMATS)}")
-        return path.parent, [path]
-    files = sorted(p for p in path.rglob("*") if p.suffix in FORMATS and p.is_file()
-                   and not any(part.startswith(".") for part in p.relative_to(path).parts))
-    if not files:
-        raise DataError(f"--data {data}: no {'/'.join(FORMATS)} files in this directory")
-    return path, files
-
-
-def corpus_hash(root: Path, files: list[Path]) -> str:
-    """sha256 over the sorted relative paths and the contents of the files."""
-    h = hashlib.sha256()
-    for path in files:
-        h.update(str(path.relative_to(root)).encode() + b"\0")
-        h.update(bytes.fromhex(file_sha256(path)))
-    return h.hexdigest()
-
-
-def looks_like_path(data: str) -> bool:
-    return data.startswith(("/", ".", "~")) or Path(data).suffix in FORMATS or data.count("/") > 1
-
-
-class DocumentCollector:
-    """Accumulates document texts and counts what was skipped, and why."""
-
-    def __init__(self) -> None:
-        self.texts: list[str] = []
-        self.skipped = {"empty_files": [], "non_utf8_files": [], "unreadable_files": []}
-        self.counts = {"empty_docs": 0, "non_text_docs": 0, "non_utf8_docs": 0}
-
-    def add(self, value: Any) -> None:
-        if isinstance(value, bytes):
-            try:
-                value = value.decode("utf-8")
-            except UnicodeDecodeError:
-                self.counts["non_utf8_docs"] += 1
-                return
-        if value is None or (isinstance(value, str) and not value.strip()):
-            self.counts["empty_docs"] += 1
-        elif not isinstance(value, str):
-            self.counts["non_text_docs"] += 1
-        else:
-            self.texts.append(value)
-
-    def check_file(self, path: Path, root: Path, text_format: bool) -> bool:
-        """False (and counted) for an empty file or a text file that is not UTF-8."""
-        rel = str(path.relative_to(root))
-        if path.stat().st_size == 0:
-            self.skipped["empty_files"].append(rel)
-            return False
-        if text_format:
-            try:
-                path.read_bytes().decode("utf-8")
-            except UnicodeDecodeError:
-                self.skipped["non_utf8_files"].append(rel)
-                return False
-        return True
-
-    def summary(self) -> dict[str, int]:
-        out = {f"data_skipped_{k}": len(v) for k, v in self.skipped.items()}
-        out.update({f"data_skipped_{k}": v for k, v in self.counts.items()})
-        for kind, names in self.skipped.items():
-            if names:
-                log.warning("skipped %d %s: %s%s", len(names), kind.replace("_", " "),
-                            ", ".join(names[:5]), " ..." if len(names) > 5 else "")
-        for kind, n in self.counts.items():
-            if n:
-                log.warning("skipped %d %s", n, kind.replace("_", " "))
-        return out
-
-
-def _quiet_datasets() -> Any:
-    import datasets
-
-    datasets.disable_progress_bars()
-    datasets.utils.logging.set_verbosity_error()
-    return datasets
-
-
-def _load_column(fmt: str, files: list[Path], root: Path, text_field: str, cache: Path,
-                 docs: DocumentCollector) -> None:
-    """Read `files` of one format with `datasets` and add their text column to `docs`.
-
-    All files in one call; if that fails (a malformed file, mismatched schemas), file by file,
-    counting the ones that cannot be read.
-    """
-    datasets = _quiet_datasets()
-    extra = {"sample_by": "document"} if fmt == "text" else {}
-    field = "text" if fmt == "text" else text_field
-
-    def load(group: list[Path]) -> Any:
-        # rebuilt, never reused: datasets' own cache is keyed by file size and mtime, not
-        # content, and we only get here when the content hash found no prepared data
-        return datasets.load_dataset(fmt, data_files=[str(p) for p in group], split="train",
-                                     cache_dir=str(cache), download_mode="force_redownload",
-                                     **extra)
-
-    try:
-        parts = [load(files)]
-    except Exception as err:  # noqa: BLE001 -- datasets/pyarrow raise many types; retried per file
-        log.warning("datasets could not read the %s files together (%s); reading one by one", fmt, err)
-        parts = []
-        for path in files:
-            try:
-                parts.append(load([path]))
-            except Exception:  # noqa: BLE001
-                docs.skipped["unreadable_files"].append(str(path.relative_to(root)))
-    for part in parts:
-        if field not in part.column_names:
-            raise DataError(f"--text-field {field!r} is not a column of the {fmt} data in "
-                            f"{root}; columns: {', '.join(part.column_names)}")
-        for value in part[field]:
-            docs.add(value)
-
-
-def collect_documents(cfg: Any, source: str, root: Path | None, files: list[Path],
-                      hf_dataset: Any) -> DocumentCollector:
-    docs = DocumentCollector()
-    if source == "hf":
-        text_field = cfg_text_field(cfg)
-        if text_field not in hf_dataset.column_names:
-            raise DataError(f"--text-field {text_field!r} is not a column of {cfg.data}; "
-                            f"columns: {', '.join(hf_dataset.column_names)}")
-        for value in hf_dataset[text_field]:
-            docs.add(value)
-        return docs
-    assert root is not None
-    ok = [p for p in files if docs.check_file(p, root, text_format=p.suffix != ".parquet")]
-    if source == "stdlib":
-        for path in ok:
-            docs.add(path.read_text(encoding="utf-8"))
-        return docs
-    cache = Path(cfg_cache_dir(cfg)) / "hf"
-    for suffix, fmt in FORMATS.items():
-        group = [p for p in ok if p.suffix == suffix]
-        if group:
-            _load_column(fmt, group, root, cfg_text_field(cfg), cache, docs)
-    return docs
-
-
-def cfg_text_field(cfg: Any) -> str:
-    return str(getattr(cfg, "text_field", "text") or "text")
-
-
-def cfg_cache_dir(cfg: Any) -> str:
-    return str(getattr(cfg, "data_cache_dir", ".cache/nitp-data") or ".cache/nitp-data")
-
-
-def resolve_source(cfg: Any) -> tuple[str, Path | None, list[Path], Any, str]:
+def resolve_source(cfg: DataConfig) -> tuple[str, Path | None, list[Path], Any, str]:
     """(source kind, root, files, HF dataset or None, corpus hash) for cfg.data."""
     data = cfg.data
-    max_files = getattr(cfg, "data_max_files", None)
     if data == "stdlib":
         root, files = stdlib_files()
         source = "stdlib"
@@ -226,82 +50,125 @@ def resolve_source(cfg: Any) -> tuple[str, Path | None, list[Path], Any, str]:
     elif looks_like_path(data):
         raise DataError(f"--data {data}: no such file or directory")
     else:
-        return _resolve_hf(cfg)
-    if max_files is not None:
-        files = files[: int(max_files)]
+        dataset, digest = load_hf_dataset(cfg)
+        return "hf", None, [], dataset, digest
+    if cfg.max_files is not None:
+        files = files[: cfg.max_files]
     return source, root, files, None, corpus_hash(root, files)
-
-
-def _resolve_hf(cfg: Any) -> tuple[str, None, list[Path], Any, str]:
-    datasets = _quiet_datasets()
-    name, _, config = cfg.data.partition(":")
-    try:
-        ds = datasets.load_dataset(name, config or None, split="train",
-                                   cache_dir=str(Path(cfg_cache_dir(cfg)) / "hf"))
-    except Exception as err:  # noqa: BLE001 -- network, hub and format errors alike
-        raise DataError(f"--data {cfg.data}: no such file or directory, and it could not be loaded "
-                        f"as a Hugging Face dataset: {type(err).__name__}: {err}") from None
-    fingerprint = getattr(ds, "_fingerprint", None) or repr(ds)
-    digest = hashlib.sha256(f"hf:{cfg.data}:{fingerprint}".encode()).hexdigest()
-    return "hf", None, [], ds, digest
 
 
 def _write_stream(path: Path, texts: list[str], tokenizer: Any, eod_id: int, dtype: type) -> int:
     """Encode `texts` (EOD after each) into the raw token file `path` and the document start
-    offsets into path.with_suffix('.npy') -> ...docs.npy. Returns the token count."""
-    encode = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
+    offsets into <split>_docs.npy beside it. Returns the token count."""
     starts, total = [0], 0
+    eod = np.asarray([eod_id], dtype=dtype)
     with open(path, "wb") as f:
-        for i in range(0, len(texts), ENCODE_CHUNK_DOCS):
-            for enc in encode(texts[i:i + ENCODE_CHUNK_DOCS], add_special_tokens=False):
-                ids = np.asarray(enc.ids + [eod_id], dtype=dtype)
-                ids.tofile(f)
-                total += len(ids)
+        for ids, ends_document in encode_documents(tokenizer, texts):
+            ids.astype(dtype).tofile(f)
+            total += len(ids)
+            if ends_document:
+                eod.tofile(f)
+                total += 1
                 starts.append(total)
     np.save(path.parent / f"{path.stem}_docs.npy", np.asarray(starts, dtype=np.int64))
     return total
 
 
-def prepare(cfg: Any) -> tuple[Path, dict[str, Any]]:
-    """Prepare cfg.data once (cached) and return (prepared folder, info)."""
+def _file_record(path: Path) -> dict[str, Any]:
+    return {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
+
+
+def write_checksums(folder: Path, cache_root: Path, tokenizer_path: Path) -> None:
+    """checksums.json: size and sha256 of every cached file and of the tokenizer used (its path
+    relative to the cache root when it lies inside, so a moved or copied cache stays whole)."""
+    tokenizer = tokenizer_path.resolve()
+    try:
+        where = {"cache_path": str(tokenizer.relative_to(cache_root.resolve()))}
+    except ValueError:
+        where = {"path": str(tokenizer)}
+    record = {"files": {name: _file_record(folder / name) for name in CACHED_FILES},
+              "tokenizer": {**where, **_file_record(tokenizer)}}
+    (folder / CHECKSUMS).write_text(json.dumps(record, indent=1))
+
+
+def verify_prepared(folder: Path, cache_root: Path) -> tuple[dict[str, Any] | None, str]:
+    """(meta, "") when every file matches checksums.json, else (None, what is wrong).
+    Sizes are compared first, so a truncated or extended file costs no hashing."""
+    try:
+        record = json.loads((folder / CHECKSUMS).read_text())
+        tok = record["tokenizer"]
+        tok_path = cache_root / tok["cache_path"] if "cache_path" in tok else Path(tok["path"])
+        expected = [(folder / name, want) for name, want in record["files"].items()]
+        expected.append((tok_path, tok))
+        for path, want in expected:
+            if path.stat().st_size != want["bytes"]:
+                return None, f"{path.name} has {path.stat().st_size} bytes, expected {want['bytes']}"
+        for path, want in expected:
+            if file_sha256(path) != want["sha256"]:
+                return None, f"{path.name} does not match its recorded sha256"
+        if set(record["files"]) != set(CACHED_FILES):
+            return None, f"{CHECKSUMS} does not list {', '.join(CACHED_FILES)}"
+        meta = json.loads((folder / "meta.json").read_text())
+        if not isinstance(meta, dict):
+            return None, "meta.json is not a JSON object"
+        if meta.get("data_tokenizer_trained"):
+            meta["data_tokenizer"] = str(tok_path)  # where it is now
+        return meta, ""
+    except (OSError, ValueError, KeyError, TypeError) as err:  # missing or garbage files
+        return None, f"{type(err).__name__}: {err}"
+
+
+def set_aside(folder: Path) -> None:
+    """Move a damaged cache folder out of the way (renamed first, so a concurrent reader never
+    sees it half deleted) and delete it."""
+    trash = Path(tempfile.mkdtemp(prefix=".damaged-", dir=folder.parent))
+    os.replace(folder, trash / folder.name)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def prepare(cfg: DataConfig) -> tuple[Path, dict[str, Any]]:
+    """Prepare cfg.data once (cached, checked on every reuse) and return (prepared folder, info)."""
     start = time.perf_counter()
     source, root, files, hf_ds, digest = resolve_source(cfg)
-    val_fraction = float(getattr(cfg, "val_fraction", 0.01))
-    tok_path = getattr(cfg, "tokenizer", None)
+    tok_path = cfg.tokenizer
     if tok_path and not Path(tok_path).is_file():
         raise DataError(f"--tokenizer {tok_path}: no such file")
     tok_hash = file_sha256(tok_path) if tok_path else None
-    budget = int(getattr(cfg, "tokenizer_sample_bytes", TOKENIZER_SAMPLE_BYTES))
-    settings = [PREP_VERSION, digest, val_fraction, cfg_text_field(cfg), tok_hash,
+    budget = cfg.tokenizer_sample_bytes
+    settings = [PREP_VERSION, digest, cfg.val_fraction, cfg.text_field, tok_hash,
                 None if tok_path else [cfg.vocab_size, budget]]
     key = hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:20]
-    folder = Path(cfg_cache_dir(cfg)) / "prepared" / key
-    if (folder / "meta.json").is_file():
-        log.info("prepared data cache hit: %s", folder)
-        meta = json.loads((folder / "meta.json").read_text())
-        return folder, {**meta, "data_prep_cache_hit": True, "data_tokenizer_cache_hit": True}
+    cache_root = Path(cfg.data_cache_dir)
+    folder = cache_root / "prepared" / key
+    if folder.exists():
+        meta, problem = verify_prepared(folder, cache_root)
+        if meta is not None:
+            log.info("prepared data cache hit: %s", folder)
+            return folder, {**meta, "data_prep_cache_hit": True, "data_tokenizer_cache_hit": True}
+        log.warning("the prepared data in %s is damaged (%s): preparing it again", folder, problem)
+        set_aside(folder)
 
     log.info("preparing --data %s (%d files) into %s", cfg.data, len(files), folder)
-    docs = collect_documents(cfg, source, root, files, hf_ds)
+    docs = collect_documents(cfg, root, files, hf_ds)
     info: dict[str, Any] = {"data_source": source, "data_path": str(root) if root else cfg.data,
                             "data_corpus_hash": digest, "data_n_files": len(files),
-                            "data_max_files": getattr(cfg, "data_max_files", None),
-                            **docs.summary()}
+                            "data_max_files": cfg.max_files, **docs.summary()}
     if source != "stdlib":
-        info["data_text_field"] = cfg_text_field(cfg)
+        info["data_text_field"] = cfg.text_field
     if not docs.texts:
         raise DataError(f"--data {cfg.data}: no usable documents ({json.dumps(docs.summary())})")
-    train_ids, val_ids = split_documents(len(docs.texts), val_fraction)
+    train_ids, val_ids = split_documents(len(docs.texts), cfg.val_fraction)
     if tok_path:
         tokenizer, eod_id = load_tokenizer(tok_path)
+        used_tokenizer = Path(tok_path)
         info.update(data_tokenizer=str(tok_path), data_tokenizer_trained=False)
     else:
-        tokenizer, path, tok_info = cached_bpe(
-            cfg_cache_dir(cfg), digest, cfg.vocab_size, val_fraction,
+        tokenizer, used_tokenizer, tok_info = cached_bpe(
+            cfg.data_cache_dir, digest, cfg.vocab_size, cfg.val_fraction,
             lambda: [docs.texts[i] for i in train_ids], budget)
         eod_id = tokenizer.token_to_id("<|endoftext|>")
-        info.update(tok_info, data_tokenizer=str(path), data_tokenizer_trained=True)
-        tok_hash = file_sha256(path)
+        info.update(tok_info, data_tokenizer=str(used_tokenizer), data_tokenizer_trained=True)
+        tok_hash = file_sha256(used_tokenizer)
     vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
     info.update(data_tokenizer_hash=tok_hash, data_vocab_size=vocab_size, data_eod_id=eod_id)
 
@@ -318,6 +185,7 @@ def prepare(cfg: Any) -> tuple[Path, dict[str, Any]]:
     info["data_tokenize_seconds"] = round(time.perf_counter() - enc_start, 2)
     info["data_prep_seconds"] = round(time.perf_counter() - start, 2)
     (tmp / "meta.json").write_text(json.dumps(info, indent=1))
+    write_checksums(tmp, cache_root, used_tokenizer)
     try:
         os.replace(tmp, folder)
     except OSError:  # another process finished the same preparation first; theirs is identical
@@ -337,7 +205,7 @@ def open_stream(folder: Path, split: str, dtype: str) -> TokenStream:
     return TokenStream(tokens, starts)
 
 
-def open_prepared(cfg: Any, rank: int, world_size: int
+def open_prepared(cfg: DataConfig, rank: int, world_size: int
                   ) -> tuple[TokenStream, TokenStream | None, int, int, dict[str, Any]]:
     """Rank 0 prepares (or finds the cache), the others wait; every rank opens the files."""
     import torch.distributed as dist

@@ -11,8 +11,8 @@ while the label at the EOD position -- the first token of the *next* document --
 doc_ids number the documents inside each row from 0 (the model's attention turns them into a
 block-diagonal causal mask); `doc_cu_seqlens` turns them into flash-attn's variable-length form.
 
-This module is the leaf of engine.data: the sources (engine.data.synthetic, engine.data.corpus)
-and build_data (engine.data.build) import it, it imports none of them.
+The sources (engine.data.synthetic, engine.data.corpus) and build_data (engine.data.build) import
+this module; it imports none of them.
 """
 
 from __future__ import annotations
@@ -29,13 +29,6 @@ IGNORE_INDEX = -100
 # The validation split is fixed by this seed, not cfg.seed, so runs with different seeds are
 # evaluated on the same documents and share one prepared cache.
 SPLIT_SEED = 0x5EED
-
-
-class DataError(SystemExit):
-    """A problem with the user's data (missing path, corpus too small, ...).
-
-    A SystemExit, so the run stops with the message alone and no traceback.
-    """
 
 
 @dataclass(frozen=True)

@@ -7,10 +7,10 @@ from typing import Any
 
 import numpy as np
 
+from engine.data.config import MIN_SYNTHETIC_VOCAB, SYNTHETIC_TOKENS
 from engine.data.loader import TokenStream, split_documents, token_dtype
 
 SYNTHETIC_SEED = 1234
-SYNTHETIC_TOKENS = 1 << 20
 
 
 def synthetic_stream(vocab_size: int, n_tokens: int = SYNTHETIC_TOKENS,
@@ -18,8 +18,9 @@ def synthetic_stream(vocab_size: int, n_tokens: int = SYNTHETIC_TOKENS,
     """Documents from a fixed random bigram chain: every token has 4 successors with
     probabilities 0.55/0.25/0.15/0.05, so the best cross-entropy is about 1.1 nats against
     ln(vocab_size) at initialisation. EOD is token 0; documents are 16-256 tokens long."""
-    if not isinstance(vocab_size, int) or vocab_size < 8:
-        raise ValueError(f"vocab_size must be an int >= 8 for synthetic data, got {vocab_size!r}")
+    if not isinstance(vocab_size, int) or vocab_size < MIN_SYNTHETIC_VOCAB:
+        raise ValueError(f"vocab_size must be an int >= {MIN_SYNTHETIC_VOCAB} for synthetic data, "
+                         f"got {vocab_size!r}")
     rng = np.random.default_rng(seed)
     succ = rng.integers(1, vocab_size, size=(vocab_size, 4))
     lengths = rng.integers(16, 257, size=n_tokens // 136 + 1)
@@ -41,7 +42,6 @@ def select_documents(stream: TokenStream, doc_ids: np.ndarray) -> TokenStream:
     lengths = np.diff(stream.doc_starts)[doc_ids]
     tokens = np.concatenate(pieces) if pieces else stream.tokens[:0]
     return TokenStream(np.asarray(tokens), np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
-
 
 
 def open_synthetic(vocab_size: int, n_tokens: int, val_fraction: float
