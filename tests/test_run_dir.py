@@ -93,19 +93,20 @@ def _read_only_folder(tmp_path):
 
 
 def test_bad_out_is_refused_naming_the_flag_before_any_data_work(tmp_path):
-    missing_data = str(tmp_path / "no-such-corpus")  # building the data would fail on this
+    # building the data would fail on this corpus; vocab 512 passes config validation for a trained BPE
+    missing_data = str(tmp_path / "no-such-corpus")
     (tmp_path / "file").write_text("x")
     with pytest.raises(RunDirError, match=rf"^--out {tmp_path / 'file'} is a file, not a folder"):
-        run(small(tmp_path / "file", data=missing_data))
+        run(small(tmp_path / "file", data=missing_data, vocab_size=512))
     with pytest.raises(RunDirError, match=rf"^--out {tmp_path / 'file' / 'sub'}: cannot create the folder"):
-        run(small(tmp_path / "file" / "sub", data=missing_data))
+        run(small(tmp_path / "file" / "sub", data=missing_data, vocab_size=512))
     folder, cleanup = _read_only_folder(tmp_path)
     try:
         with pytest.raises(RunDirError, match=rf"^--out {folder}: cannot write there \((Read-only file system|"
                                               r"Permission denied)\)"):
-            run(small(folder, data=missing_data))
+            run(small(folder, data=missing_data, vocab_size=512))
         with pytest.raises(RunDirError, match=r"cannot create the folder \((Read-only file system|Permission denied)"):
-            run(small(folder / "new", data=missing_data))
+            run(small(folder / "new", data=missing_data, vocab_size=512))
     finally:
         if cleanup:
             cleanup()
