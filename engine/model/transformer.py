@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.config import TrainConfig
+from engine.model.attention import DocumentMask
 from engine.model.init import fill_normal_rows, local_shard
 from engine.model.layers import MLP, Attention, RMSNorm, rope_cos_sin
 from engine.model.moe import MoE
@@ -50,8 +51,8 @@ class Block(nn.Module):
         self.mlp = MoE(cfg) if self.is_moe else MLP(cfg.d_model, cfg.ffn_hidden)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                doc_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, doc_ids)
+                doc_mask: DocumentMask | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, doc_mask)
         h = self.post_attention_layernorm(x)
         if self.is_moe:
             out, aux = self.mlp(h)
@@ -74,9 +75,10 @@ class Backbone(nn.Module):
         x = self.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(input_ids.shape[1], self.cfg.head_dim, self.cfg.rope_theta, x.device)
         shallow = x if target_layer == 0 else None
+        doc_mask = DocumentMask(doc_ids) if doc_ids is not None else None  # shared by every layer
         aux_total = x.new_zeros((), dtype=torch.float32)
         for j, block in enumerate(self.layers, start=1):
-            x, aux = block(x, cos, sin, doc_ids)
+            x, aux = block(x, cos, sin, doc_mask)
             aux_total = aux_total + aux
             if j == target_layer:
                 shallow = x
