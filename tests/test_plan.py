@@ -7,8 +7,8 @@ import torch
 
 from engine.config import make_config
 from engine.model import NITPTransformer
-from engine.parallel import apply_activation_checkpointing, close_distributed
-from engine.plan import main, make_plan
+from engine.parallel import close_distributed
+from engine.plan import main, make_plan, saved_activation_bytes
 from engine.trainer import build_state, next_batches
 
 
@@ -22,34 +22,6 @@ def _storage_bytes(tensors) -> int:
 
 def _local(t):
     return t.to_local() if hasattr(t, "to_local") else t
-
-
-def saved_activation_bytes(cfg, batch, checkpointing: bool) -> int:
-    """Storage bytes autograd keeps from one forward to its backward (parameters excluded).
-
-    With checkpointing, a block keeps its input alive (not through saved-tensor hooks: the
-    checkpoint holds it), so block inputs are counted from forward pre-hooks.
-    """
-    model = NITPTransformer(cfg)
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    kept = {}
-
-    def pack(t):
-        st = t.untyped_storage()
-        if st.data_ptr() not in params:
-            kept[st.data_ptr()] = st.nbytes()
-        return t
-
-    if checkpointing:
-        apply_activation_checkpointing(model)
-        def keep_input(_, args):
-            pack(args[0])
-
-        for block in model.backbone.layers:
-            block.register_forward_pre_hook(keep_input)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(batch["input_ids"], batch["labels"], aux_weight=1.0)
-    return sum(kept.values())
 
 
 @pytest.mark.parametrize("preset", ["tiny", "tiny-moe"])
@@ -69,8 +41,9 @@ def test_plan_components_match_what_the_engine_holds(preset, tmp_path):
                                                for v in s.values() if torch.is_tensor(v))
     finally:
         close_distributed(state.dist)
-    measured["activations"] = saved_activation_bytes(cfg, batch, checkpointing=False)
-    measured["activations_ac"] = saved_activation_bytes(cfg, batch, checkpointing=True)
+    for key, checkpointing in (("activations", False), ("activations_ac", True)):
+        measured[key] = saved_activation_bytes(NITPTransformer(cfg), batch["input_ids"], batch["labels"],
+                                               checkpointing)
     plan = make_plan(cfg, 1, kernels="cpu")
     assert plan.micro_batch == 2
     for key, value in measured.items():
