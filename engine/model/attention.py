@@ -12,9 +12,9 @@ compute that, chosen per call by ``document_attention_path`` (best first):
   the fallback; at T=8192 that is 64 MiB of mask per sequence and no flash kernel, which is why
   it is not used on CUDA.
 
-``DocumentMask`` is built once per forward by the backbone and shared by all layers; it makes
-each representation on first use and keeps it (the block mask and cu_seqlens cost a pass over
-the ids, not per layer).
+``DocumentMask`` is built once per forward by the backbone and shared by all layers; the
+backbone prepares the form its path needs before the first block (the block mask and cu_seqlens
+cost a pass over the ids once per forward, not per layer, and never inside a compiled block).
 """
 
 from __future__ import annotations
@@ -47,6 +47,14 @@ class DocumentMask:
         self.doc_ids = doc_ids
         self._varlen: tuple[torch.Tensor, int] | None = None
         self._block_mask = None
+
+    def prepare(self, path: str) -> "DocumentMask":
+        """Build the form `path` uses now, outside the blocks (so compiled blocks only read it)."""
+        if path == "flash_varlen":
+            self.varlen()
+        elif path == "flex":
+            self.block_mask()
+        return self
 
     def dense(self) -> torch.Tensor:
         """(B, 1, T, T) bool: True where query t may attend to key s (s <= t, same document)."""

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.config import TrainConfig
-from engine.model.attention import DocumentMask
+from engine.model.attention import DocumentMask, document_attention_path
 from engine.model.init import fill_normal_rows, local_shard
 from engine.model.layers import MLP, Attention, RMSNorm, rope_cos_sin
 from engine.model.moe import MoE
@@ -75,7 +75,7 @@ class Backbone(nn.Module):
         x = self.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(input_ids.shape[1], self.cfg.head_dim, self.cfg.rope_theta, x.device)
         shallow = x if target_layer == 0 else None
-        doc_mask = DocumentMask(doc_ids) if doc_ids is not None else None  # shared by every layer
+        doc_mask = None if doc_ids is None else DocumentMask(doc_ids).prepare(document_attention_path(x))
         aux_total = x.new_zeros((), dtype=torch.float32)
         for j, block in enumerate(self.layers, start=1):
             x, aux = block(x, cos, sin, doc_mask)
