@@ -217,26 +217,27 @@ def advice(plan: Plan, **kwargs) -> list[str]:
 def report(plan: Plan, **kwargs) -> str:
     cfg = plan.cfg
 
-    def gib(b: int) -> str:
-        return f"{b / GIB:9.2f} GiB"
+    def row(label: str, nbytes: int, note: str = "") -> str:
+        return f"  {label:<36}{nbytes / GIB:9.2f} GiB{note}"
 
     ac_line = ("on: block inputs kept, one block recomputed at a time" if plan.activation_checkpointing
                else "off")
+    usable = int(plan.usable_fraction * plan.gpu_bytes)
     lines = [
         f"preset {cfg.preset} on {plan.gpus} GPU(s) of {plan.gpu_bytes / GIB:.0f} GiB: global batch "
         f"{cfg.batch_size} x {cfg.seq_len} tokens, micro-batch {plan.micro_batch} per GPU, "
         f"{cfg.batch_size // (plan.micro_batch * plan.gpus)} accumulation step(s); activation checkpointing {ac_line}",
         "per GPU (estimates from the model's shapes; see engine/plan.py):",
-        f"  parameters (fp32, 1/{plan.gpus})          {gib(plan.params)}",
-        f"  gradients (fp32, 1/{plan.gpus})           {gib(plan.grads)}",
-        f"  optimizer states (AdamW, fp32)  {gib(plan.optimizer)}",
-        f"  activations without checkpointing {gib(plan.activations)}",
-        f"  activations with checkpointing  {gib(plan.activations_ac + plan.recompute)}"
-        f"  (kept {plan.activations_ac / GIB:.2f} + one block recomputed {plan.recompute / GIB:.2f})",
-        f"  fused loss transient            {gib(plan.loss_transient)}",
-        f"  FSDP transient (unsharded)      {gib(plan.fsdp_transient)}",
-        f"  total                           {gib(plan.total)}   of {gib(int(plan.usable_fraction * plan.gpu_bytes))}"
-        f" usable ({plan.usable_fraction:.0%}): {'FITS' if plan.fits else 'DOES NOT FIT'}",
+        row(f"parameters (fp32, 1/{plan.gpus})", plan.params),
+        row(f"gradients (fp32, 1/{plan.gpus})", plan.grads),
+        row(f"optimizer states (AdamW, fp32, 1/{plan.gpus})", plan.optimizer),
+        row("activations without checkpointing", plan.activations),
+        row("activations with checkpointing", plan.activations_ac + plan.recompute,
+            f"  (kept {plan.activations_ac / GIB:.2f} + one block recomputed {plan.recompute / GIB:.2f})"),
+        row("fused loss transient", plan.loss_transient),
+        row("FSDP transient (unsharded blocks)", plan.fsdp_transient),
+        row("total", plan.total, f"  of {usable / GIB:.2f} GiB usable ({plan.usable_fraction:.0%}): "
+                                 f"{'FITS' if plan.fits else 'DOES NOT FIT'}"),
     ]
     if cfg.is_moe:
         lines.append(f"  MoE: no expert parallelism: each GPU holds 1/{plan.gpus} of all {cfg.n_experts} experts "

@@ -2,6 +2,8 @@
 gradients and AdamW states counted by tensor storage after a step, activations counted with
 saved-tensor hooks, with and without activation checkpointing; and the command line."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -60,3 +62,11 @@ def test_command_line_plans_a_paper_preset_and_says_what_to_change(capsys):
     assert "DOES NOT FIT" in text and "to fit: use" in text and "GPUs" in text
     with pytest.raises(SystemExit, match="batch_size=1024 is not divisible by world_size=3"):
         main(["--preset", "dense-2b", "--gpus", "3"])
+
+
+def test_readme_shows_the_plan_as_the_command_prints_it(capsys):
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    command = "$ python -m engine.plan --preset moe-9b-a1b --gpus 8\n"
+    shown = readme.split(command, 1)[1].split("```", 1)[0]
+    main(command.split()[3:])
+    assert capsys.readouterr().out == shown
