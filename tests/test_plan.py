@@ -68,5 +68,5 @@ def test_readme_shows_the_plan_as_the_command_prints_it(capsys):
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     command = "$ python -m engine.plan --preset moe-9b-a1b --gpus 8\n"
     shown = readme.split(command, 1)[1].split("```", 1)[0]
-    main(command.split()[3:])
+    main(command.split()[4:])
     assert capsys.readouterr().out == shown
