@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import typing
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from engine.cli import TRACEBACK_HELP, OneLineArgumentParser, cli_errors
@@ -24,6 +24,17 @@ NITP_LOSS_TYPES = ("cosine", "mse", "smooth_l1", "kl")
 BACKENDS = ("auto", "reference", "torch", "triton")
 DEVICES = ("auto", "cpu", "cuda")
 PARAM_DTYPES = ("auto", "fp32", "bf16")
+
+
+def parse_micro_batch(text: str) -> int | str:
+    """--micro-batch-size: "auto" or a positive integer."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return int(text)
+    except ValueError:  # argparse prints an ArgumentTypeError's message as it is
+        import argparse
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {text!r}") from None
 
 
 @dataclass
@@ -63,9 +74,12 @@ class TrainConfig:
     backend: str = "auto"          # nitp_kernels backend
     loss_chunk_size: int | None = None  # rows per chunk of the fused loss; None = the op's rule
     # --- optimisation ---
-    steps: int = 250
+    steps: int = 250               # 0: build model, optimizer and data, write config.json, exit
     batch_size: int = 4            # global sequences per optimizer step
-    micro_batch_size: int = 4      # sequences per rank per forward
+    # sequences per rank per forward: an int, or "auto" = the largest value <= max_micro_batch_size
+    # that divides batch_size / world_size (gradient accumulation takes the rest)
+    micro_batch_size: int | str = field(default="auto", metadata={"parse": parse_micro_batch})
+    max_micro_batch_size: int = 4  # the preset's memory-safe micro-batch: the cap of "auto"
     seq_len: int = 256
     lr: float = 2e-3
     min_lr_ratio: float = 0.0      # lr at the end of the decay phase, relative to lr
@@ -118,7 +132,7 @@ class TrainConfig:
 
 
 _PAPER_RECIPE = dict(warmup_steps=2000, decay_ratio=0.2, weight_decay=0.1, beta1=0.9, beta2=0.95,
-                     grad_clip=1.0, seq_len=8192, micro_batch_size=1, vocab_size=152064,
+                     grad_clip=1.0, seq_len=8192, max_micro_batch_size=1, vocab_size=152064,
                      rope_theta=1e6, log_every=10, activation_checkpointing=True)
 _PAPER_MOE = dict(n_heads=8, n_kv_heads=4, ffn_hidden=10944, n_experts=144, moe_top_k=8,
                   n_shared_experts=1, n_dense_layers=1)
@@ -250,11 +264,11 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     _check_numbers(cfg)
     _check_data_settings(cfg)
     _check(cfg.preset in PRESETS, f"unknown preset {cfg.preset!r}; choose one of {', '.join(PRESETS)}")
-    for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden", "steps",
-                 "batch_size", "micro_batch_size", "seq_len", "log_every", "nitp_projector_mult"):
+    for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden",
+                 "batch_size", "max_micro_batch_size", "seq_len", "log_every", "nitp_projector_mult"):
         _check(getattr(cfg, name) > 0, f"{name} must be positive, got {getattr(cfg, name)}")
     _check(cfg.geometry_tokens >= 2, f"geometry_tokens must be >= 2, got {cfg.geometry_tokens}")
-    for name in ("warmup_steps", "eval_every", "eval_batches", "geometry_every", "nitp_start_step",
+    for name in ("steps", "warmup_steps", "eval_every", "eval_batches", "geometry_every", "nitp_start_step",
                  "weight_decay", "moe_aux_weight", "z_loss_weight", "grad_clip", "n_dense_layers"):
         _check(getattr(cfg, name) >= 0, f"{name} must be >= 0, got {getattr(cfg, name)}")
     _check(cfg.d_model % cfg.n_heads == 0,
@@ -280,10 +294,18 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     _check(cfg.loss_chunk_size is None or cfg.loss_chunk_size > 0,
            f"loss_chunk_size must be positive or None, got {cfg.loss_chunk_size}")
     _check(world_size > 0, f"world_size must be positive, got {world_size}")
-    per_step = cfg.micro_batch_size * world_size
-    _check(cfg.batch_size % per_step == 0,
-           f"batch_size={cfg.batch_size} is not divisible by micro_batch_size*world_size="
-           f"{cfg.micro_batch_size}*{world_size}={per_step}")
+    _check(cfg.micro_batch_size == "auto" or (type(cfg.micro_batch_size) is int and cfg.micro_batch_size > 0),
+           f"micro_batch_size must be a positive integer or 'auto', got {cfg.micro_batch_size!r}")
+    if cfg.micro_batch_size == "auto":
+        _check(cfg.batch_size % world_size == 0,
+               f"batch_size={cfg.batch_size} is not divisible by world_size={world_size} (the number of "
+               "processes): each rank takes an equal share of whole sequences; choose a batch_size that "
+               "is a multiple of the world size")
+    else:
+        per_step = cfg.micro_batch_size * world_size
+        _check(cfg.batch_size % per_step == 0,
+               f"batch_size={cfg.batch_size} is not divisible by micro_batch_size*world_size="
+               f"{cfg.micro_batch_size}*{world_size}={per_step}")
     if cfg.is_moe:
         _check(cfg.n_dense_layers < cfg.n_layers,
                f"n_dense_layers={cfg.n_dense_layers} leaves no MoE layer (n_layers={cfg.n_layers})")
@@ -297,9 +319,23 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
         _check(cfg.n_experts == 0, f"n_experts must be >= 0, got {cfg.n_experts}")
 
 
+def resolve_micro_batch_size(cfg: TrainConfig, world_size: int) -> int:
+    """The micro-batch a rank runs: the explicit value, or for "auto" the largest divisor of
+    batch_size / world_size that is <= max_micro_batch_size."""
+    if cfg.micro_batch_size != "auto":
+        return cfg.micro_batch_size
+    per_rank = cfg.batch_size // world_size
+    return max(m for m in range(1, min(cfg.max_micro_batch_size, per_rank) + 1) if per_rank % m == 0)
+
+
+def with_micro_batch_size(cfg: TrainConfig, world_size: int) -> TrainConfig:
+    """cfg with "auto" replaced by the micro-batch for this world size (call after validate)."""
+    return dataclasses.replace(cfg, micro_batch_size=resolve_micro_batch_size(cfg, world_size))
+
+
 def gradient_accumulation_steps(cfg: TrainConfig, world_size: int) -> int:
     """Micro-batches per rank per optimizer step."""
-    return cfg.batch_size // (cfg.micro_batch_size * world_size)
+    return cfg.batch_size // (resolve_micro_batch_size(cfg, world_size) * world_size)
 
 
 def _parse_bool(text: str) -> bool:
@@ -324,6 +360,10 @@ def _parser():
     for f in fields(TrainConfig):
         flags = [f"--{f.name.replace('_', '-')}"] + ([f"--{f.name}"] if "_" in f.name else [])
         hint = hints[f.name]
+        if "parse" in f.metadata:  # a field with its own syntax (e.g. micro_batch_size: int or "auto")
+            parser.add_argument(*flags, dest=f.name, type=f.metadata["parse"], metavar="VALUE",
+                                help=f"(default {f.default})")
+            continue
         if hint is bool:
             parser.add_argument(*flags, dest=f.name, nargs="?", const=True, type=_parse_bool,
                                 metavar="BOOL", help=f"(default {f.default})")

@@ -37,15 +37,15 @@ from torch.distributed.tensor import DTensor
 
 from engine.checkpoint import Checkpointer, check_resumable
 from engine.checkpoint.stateful import ModelState, OptimizerState
-from engine.config import TrainConfig, gradient_accumulation_steps, validate
+from engine.config import TrainConfig, gradient_accumulation_steps, validate, with_micro_batch_size
 from engine.data import IGNORE_INDEX, DataBundle, build_data
 from engine.faults import StopSignals, debug_nan_steps, debug_signal_after
 from engine.flops import training_flops_per_token
 from engine.geometry import GeometryProbe
 from engine.metrics import RunLogger, peak_flops_per_device, peak_memory_bytes, truncate_metrics
-from engine.model import HFImportError, NITPTransformer, config_from_hf, load_hf_weights
+from engine.model import HFImportError, NITPTransformer, config_from_hf
 from engine.optim import build_optimizer, build_scheduler
-from engine.parallel import DistInfo, close_distributed, init_distributed, parallelize
+from engine.parallel import DistInfo, build_model, close_distributed, init_distributed
 from engine.run_dir import RunDirLock, claim_run_dir_on_rank0
 
 
@@ -117,6 +117,7 @@ def build_state(cfg: TrainConfig) -> TrainState:
         if cfg.init_from_hf:  # continued pre-training from a Hugging Face checkpoint
             cfg, hf_weights = config_from_hf(cfg)
         validate(cfg, info.world_size)
+        cfg = with_micro_batch_size(cfg, info.world_size)  # "auto" -> this world size's micro-batch
         data = build_data(cfg, rank=info.rank, world_size=info.world_size)
         if hf_weights is not None and data.vocab_size > cfg.vocab_size:
             raise HFImportError(f"--init-from-hf: the data's vocabulary ({data.vocab_size}) is larger than "
@@ -124,12 +125,8 @@ def build_state(cfg: TrainConfig) -> TrainState:
         if data.vocab_size != cfg.vocab_size and hf_weights is None:  # HF models may pad theirs
             cfg = dataclasses.replace(cfg, vocab_size=data.vocab_size)
             validate(cfg, info.world_size)
-        torch.manual_seed(cfg.seed)  # same initial weights on every rank, for any world size
-        with torch.device(info.device):
-            model = NITPTransformer(cfg)
-        if hf_weights is not None:
-            load_hf_weights(model, hf_weights)  # the projector keeps its fresh initialisation
-        parallelize(model, cfg, info)
+        # built on meta, sharded, then each rank initialises its shards: seeded, any world size alike
+        model = build_model(cfg, info, hf_weights)
         optimizer = build_optimizer(model, cfg)
         return TrainState(cfg, info, model, optimizer, build_scheduler(optimizer, cfg), data, run_lock=lock)
     except BaseException:
@@ -331,7 +328,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
             debug_signal_after(step)  # fault-injection test hook
             if stop.requested(info.device):
                 break
-        if ckpt.last_saved_step != state.step:
+        if ckpt.last_saved_step != state.step and cfg.steps > 0:  # --steps 0 only builds and writes config.json
             ckpt.save(state)  # the end of the run, or a stop signal
         ckpt.finalize()
         if stop.received and info.is_main:

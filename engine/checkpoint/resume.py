@@ -47,7 +47,7 @@ MAY_CHANGE_ON_RESUME = frozenset({
     "weight_decay", "beta1", "beta2", "grad_clip",
     "log_every", "eval_every", "eval_batches", "geometry_every", "geometry_tokens", "peak_tflops", "out",
     "ckpt_every", "keep_last", "max_bad_steps", "async_ckpt", "resume", "overwrite",
-    "micro_batch_size", "device", "backend", "param_dtype", "activation_checkpointing", "compile",
+    "micro_batch_size", "max_micro_batch_size", "device", "backend", "param_dtype", "activation_checkpointing", "compile",
     "loss_chunk_size", "data_cache_dir",
     "init_std", "init_from_hf", "preset",
 })

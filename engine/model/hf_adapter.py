@@ -29,6 +29,8 @@ from typing import Any, Callable
 import torch
 from safetensors import safe_open
 
+from engine.model.init import copy_full_rows
+
 
 class HFImportError(ValueError):
     """A Hugging Face checkpoint that does not map onto the engine's model."""
@@ -219,9 +221,16 @@ def config_from_hf(cfg: Any) -> tuple[Any, dict[str, torch.Tensor]]:
 
 
 def load_hf_weights(model: torch.nn.Module, sd: dict[str, torch.Tensor]) -> None:
-    """Copy imported weights into an (unsharded) engine model; only the projector may be left out."""
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    missing = [k for k in missing if not k.startswith("output.projector.")]
+    """Copy imported weights into an engine model, plain or sharded by FSDP2 (each rank copies its
+    own rows); only the projector may be left out."""
+    params = dict(model.named_parameters())
+    missing = [k for k in params if k not in sd and not k.startswith("output.projector.")]
+    unexpected = [k for k in sd if k not in params]
     if missing or unexpected:
         raise HFImportError(f"--init-from-hf: weights do not fit the model (missing {missing}, "
                             f"unexpected {unexpected})")
+    for name, full in sd.items():
+        try:
+            copy_full_rows(params[name], full)
+        except ValueError as exc:
+            raise HFImportError(f"--init-from-hf: {name}: {exc}") from None

@@ -1,8 +1,9 @@
 """The transformer's building blocks, Llama / Qwen2 style: RMSNorm, RoPE, grouped-query attention,
 the SwiGLU MLP. On CUDA, Liger-Kernel's fused RMSNorm / RoPE / SwiGLU and flash-attn are used when
-installed; elsewhere the plain PyTorch forms below, which follow Hugging Face's numerics.
+installed; elsewhere the plain PyTorch forms below, which follow Hugging Face's numerics. The
+attention kernels themselves (and the document-mask paths) are in engine/model/attention.py.
 
-A leaf of engine.model: moe and transformer import it, it imports neither.
+Imported by moe and transformer; it imports neither.
 """
 
 from __future__ import annotations
@@ -12,11 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.config import TrainConfig
-
-try:  # pragma: no cover - flash-attn is a GPU-only extra
-    from flash_attn import flash_attn_func
-except Exception:
-    flash_attn_func = None
+from engine.model.attention import DocumentMask, causal_attention
 
 
 class _Liger:
@@ -101,22 +98,13 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+                doc_mask: DocumentMask | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, k, cos, sin)
-        if doc_ids is None and x.is_cuda and flash_attn_func is not None and x.dtype in (torch.bfloat16, torch.float16):
-            y = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
-            return self.o_proj(y.reshape(B, T, -1))
-        if doc_ids is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        else:
-            causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-            mask = causal & (doc_ids[:, :, None] == doc_ids[:, None, :])
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], enable_gqa=True)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+        return self.o_proj(causal_attention(q, k, v, doc_mask))
 
 
 class MLP(nn.Module):

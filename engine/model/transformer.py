@@ -16,7 +16,10 @@ valid positions; the training loop divides by global counts (see engine/trainer.
 
 Initialisation: every weight normal(0, init_std) (0.02), the residual output projections
 (o_proj, down_proj, expert down projections) normal(0, init_std / sqrt(2 * n_layers)) as in
-GPT-2 / nanoGPT, norm weights one.
+GPT-2 / nanoGPT, norm weights one. The values are drawn block of rows by block of rows from
+generators seeded by (seed, parameter name, block), so a rank initialises its own shard of a
+parameter without materialising the rest, and every world size gets the same weights
+(engine/model/init.py).
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.config import TrainConfig
+from engine.model.attention import DocumentMask, document_attention_path
+from engine.model.init import fill_normal_rows, local_shard
 from engine.model.layers import MLP, Attention, RMSNorm, rope_cos_sin
 from engine.model.moe import MoE
 from nitp_kernels import NITPProjector, fused_linear_cross_entropy, fused_nitp_loss
@@ -46,8 +51,8 @@ class Block(nn.Module):
         self.mlp = MoE(cfg) if self.is_moe else MLP(cfg.d_model, cfg.ffn_hidden)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                doc_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, doc_ids)
+                doc_mask: DocumentMask | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, doc_mask)
         h = self.post_attention_layernorm(x)
         if self.is_moe:
             out, aux = self.mlp(h)
@@ -70,9 +75,10 @@ class Backbone(nn.Module):
         x = self.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(input_ids.shape[1], self.cfg.head_dim, self.cfg.rope_theta, x.device)
         shallow = x if target_layer == 0 else None
+        doc_mask = None if doc_ids is None else DocumentMask(doc_ids).prepare(document_attention_path(x))
         aux_total = x.new_zeros((), dtype=torch.float32)
         for j, block in enumerate(self.layers, start=1):
-            x, aux = block(x, cos, sin, doc_ids)
+            x, aux = block(x, cos, sin, doc_mask)
             aux_total = aux_total + aux
             if j == target_layer:
                 shallow = x
@@ -156,15 +162,23 @@ class NITPTransformer(nn.Module):
 
     @torch.no_grad()
     def init_weights(self) -> None:
+        """Initialise every parameter in place, shard by shard (engine/model/init.py).
+
+        Meta parameters (a model built on ``torch.device("meta")`` before sharding) are left
+        alone: the caller runs this again after ``to_empty``. The values depend on cfg.seed and
+        the parameter's name only, not on the world size, the device mesh or the global RNG.
+        """
         std = self.cfg.init_std
         residual_std = std / math.sqrt(2 * self.cfg.n_layers)
         for name, p in self.named_parameters():
+            if p.is_meta:
+                continue
             if p.dim() == 1:
-                p.fill_(1.0)  # norm weights
+                local_shard(p)[0].fill_(1.0)  # norm weights
             elif name.endswith(("o_proj.weight", "down_proj.weight", "w_down")):
-                p.normal_(0.0, residual_std if "projector" not in name else std)
+                fill_normal_rows(p, residual_std if "projector" not in name else std, self.cfg.seed, name)
             else:
-                p.normal_(0.0, std)
+                fill_normal_rows(p, std, self.cfg.seed, name)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 doc_ids: torch.Tensor | None = None, aux_weight: float = 0.0,
