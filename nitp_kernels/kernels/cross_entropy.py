@@ -16,19 +16,27 @@ Kernel `_ce_rows_kernel`, one program per row (grid = n rows), looping over the 
              valid.
     numerics s = c*tanh(x/c) (or x), running max m / rescaled running sum l of exp in fp32 (one pass),
              lse = m + log l; the loss and p_j = exp((s_j - m) - log l) subtract m first, so scores of size
-             ~1e3 lose no digits to cancellation against lse. The gradient is formed in fp32 and rounded once
-             to the logits dtype, the on-label term included. The gradient pass re-reads each block and writes
-             it back in place (each element is read before the same program overwrites it).
+             ~1e3 lose no digits to cancellation against lse. s_y is read once, before pass 1.
+             Gradient pass: re-reads each block and writes p_coef*p_j - ce_scale*eps/V (times ds/dx) in place
+             (each element is read before the same program overwrites it); then, after a barrier that orders
+             the loop's store at y before it, the label's element is rewritten from fp32 with its
+             -(1-eps)*ce_scale term, so every element is formed in fp32 and rounded once to the logits dtype
+             (p_y - 1 keeps its digits in bf16). No lane compares its column with the label.
              Softcap: tanh and ds/dx = sech^2(x/c) come from `_tanh_sech2`: an odd polynomial for |x/c| < 1
-             (no exp, no cancellation) and exp(-2|x/c|) above, within ~1.2 ulp of the exact tanh under the
-             interpreter (torch.tanh: ~0.5 ulp); sech^2 = 4t/(1+t)^2 does not cancel for large |x/c| the way
-             1 - tanh^2 does. Only tl arithmetic and tl.exp, so the interpreter runs the same code as the GPU
-             (where tl.exp is the hardware exp2, a few ulp).
-    tiling   BLOCK_V lanes per iteration, BLOCK_V / (32 * num_warps) elements per thread (8 to 32), three
-             configs by vocabulary size (CE_CONFIGS): V <= 8192: 2048 lanes, 8 warps; V <= 32768: 8192 lanes,
-             16 warps; above: 32768 lanes, 32 warps (V = 152064: 5 iterations a pass; V = 262144: 8). Wide
-             blocks keep the loop short and the loads many per thread; the 1024-thread config must fit in 64
-             registers a thread, which `python -m nitp_kernels.compile_check` verifies (no spills).
+             (no exp, no cancellation) and q = 2/(1 + exp(2|x/c|)) above; within 1.2 ulp of the exact tanh under
+             the interpreter (torch.tanh: 0.5 ulp; the exp-only form this replaced: 9 ulp); sech^2 = q(2-q) does
+             not cancel for large |x/c| the way 1 - tanh^2 does. Only tl arithmetic and tl.exp, so the
+             interpreter runs the same code as the GPU (where tl.exp is the hardware exp2, a few ulp).
+    tiling   BLOCK_V lanes an iteration, BLOCK_V / (32 * num_warps) elements a thread; three configs by
+             vocabulary size (CE_CONFIGS): V <= 8192: 2048 lanes, 8 warps (8 a thread, <= 4 iterations);
+             V <= 32768: 8192 lanes, 16 warps (16 a thread, <= 4 iterations); above: 32768 lanes, 32 warps
+             (32 a thread; V = 152064: 5 iterations a pass, as Liger-Kernel's CE; V = 262144: 8). Wide blocks
+             keep the loop short (each iteration of pass 1 ends in two block-wide reductions, a barrier each)
+             and many loads in flight per thread. A 1024-thread program has 64 registers a thread;
+             `python -m nitp_kernels.compile_check` verifies that no config spills. With softcap the tanh
+             temporaries do not fit 32 elements a thread, so that config takes each block in SOFTCAP_SPLIT = 2
+             steps of 16384 lanes (pass 1 then makes 10 online-softmax updates at V = 152064; pass 2 has no
+             reductions, so its steps cost nothing extra).
              Row offsets are int64 (n*V exceeds 2^31 at V=152064). No atomics: per-row results are written to
              their own slot and summed by torch, so results are bitwise reproducible.
 """
