@@ -86,6 +86,15 @@ def _tanh_sech2(x):
 
 
 @triton.jit
+def _load_softcapped(row_ptr, offs, n_cols, softcap):
+    """(s, ds/dx, mask) of the lanes offs of a row: s = c*tanh(x/c), -inf on masked lanes."""
+    mask = offs < n_cols
+    x = tl.load(row_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tanh, sech2 = _tanh_sech2(x / softcap)
+    return tl.where(mask, softcap * tanh, float("-inf")), sech2, mask
+
+
+@triton.jit
 def _online_softmax_step(s, mask, m, l, s_total, label_smoothing):
     """Fold a block of scores s (-inf on masked lanes) into the running max m, sum l of exp(s - m), sum of s."""
     m_new = tl.maximum(m, tl.max(s, axis=0))
@@ -131,9 +140,7 @@ def _ce_rows_kernel(
         for start in range(0, n_cols, BLOCK_V):
             for part in tl.static_range(SOFTCAP_SPLIT):
                 offs = start + part * (BLOCK_V // SOFTCAP_SPLIT) + sub_cols
-                mask = offs < n_cols
-                x = tl.load(row_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-                s = tl.where(mask, softcap * _tanh_sech2(x / softcap)[0], float("-inf"))
+                s, _, mask = _load_softcapped(row_ptr, offs, n_cols, softcap)
                 m, l, s_total = _online_softmax_step(s, mask, m, l, s_total, label_smoothing)
     else:
         for start in range(0, n_cols, BLOCK_V):
@@ -162,10 +169,8 @@ def _ce_rows_kernel(
             for start in range(0, n_cols, BLOCK_V):
                 for part in tl.static_range(SOFTCAP_SPLIT):
                     offs = start + part * (BLOCK_V // SOFTCAP_SPLIT) + sub_cols
-                    mask = offs < n_cols
-                    x = tl.load(row_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-                    tanh, sech2 = _tanh_sech2(x / softcap)
-                    p = tl.exp((softcap * tanh - m) - log_l)  # s - m first: exact for the large scores
+                    s, sech2, mask = _load_softcapped(row_ptr, offs, n_cols, softcap)
+                    p = tl.exp((s - m) - log_l)  # s - m first: exact for the large scores
                     tl.store(row_ptr + offs, ((p_coef * p - flat) * sech2).to(logits_ptr.dtype.element_ty),
                              mask=mask)
         else:
