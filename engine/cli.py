@@ -27,15 +27,18 @@ TRACEBACK_HELP = (f"Errors are one line on stderr (exit status 1, 2 for a malfor
 def one_line(exc: BaseException) -> str:
     """The exception's message on one line (some libraries put newlines in theirs)."""
     text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if isinstance(exc, ValueError) else f"{type(exc).__name__}: {text}"
+    return text if isinstance(exc, (ValueError, RuntimeError)) else f"{type(exc).__name__}: {text}"
 
 
 @contextlib.contextmanager
 def cli_errors() -> Iterator[None]:
-    """Turn ValueError/OSError into SystemExit("error: ...") (one line) unless NITP_TRACEBACK is set."""
+    """Turn ValueError/OSError (and a diverged run) into SystemExit("error: ...") (one line) unless
+    NITP_TRACEBACK is set."""
+    from engine.faults import TrainingDiverged
+
     try:
         yield
-    except (ValueError, OSError) as exc:
+    except (ValueError, OSError, TrainingDiverged) as exc:
         if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
             raise
         raise SystemExit(f"error: {one_line(exc)}") from None

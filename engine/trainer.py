@@ -36,10 +36,11 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from engine.checkpoint import Checkpointer, check_resumable
+from engine.cli import check_environment
 from engine.checkpoint.stateful import ModelState, OptimizerState
 from engine.config import TrainConfig, gradient_accumulation_steps, validate, with_micro_batch_size
 from engine.data import IGNORE_INDEX, DataBundle, build_data
-from engine.faults import StopSignals, debug_nan_steps, debug_signal_after
+from engine.faults import StopSignals, TrainingDiverged, debug_nan_steps, debug_signal_after
 from engine.flops import training_flops_per_token
 from engine.geometry import GeometryProbe
 from engine.metrics import RunLogger, peak_flops_per_device, peak_memory_bytes, truncate_metrics
@@ -108,6 +109,7 @@ class TrainState:
 
 def build_state(cfg: TrainConfig) -> TrainState:
     """Join the process group, claim cfg.out, open the data, build and shard the model, make the optimizer."""
+    check_environment(cfg)  # the machine and the paths, before joining a process group (also done by the CLI)
     info = init_distributed(cfg)
     lock = None
     try:
@@ -319,8 +321,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                 ckpt.finalize()
                 last = (f"step {ckpt.last_saved_step} in {ckpt.root}" if ckpt.last_saved_step is not None
                         else "none saved yet")
-                raise SystemExit(
-                    f"error: {state.consecutive_bad_steps} consecutive steps (up to step {step}) had a "
+                raise TrainingDiverged(
+                    f"{state.consecutive_bad_steps} consecutive steps (up to step {step}) had a "
                     f"non-finite loss or gradient norm (--max-bad-steps {cfg.max_bad_steps}); stopping. "
                     f"Last good checkpoint: {last}")
             if cfg.ckpt_every and step % cfg.ckpt_every == 0 and not metrics["skipped"]:

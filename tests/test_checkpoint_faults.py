@@ -15,7 +15,7 @@ import torch
 from engine.checkpoint import (MARKER, CheckpointError, UnsafeCheckpointError, list_checkpoints,
                                read_metadata_safely, validate_checkpoint)
 from engine.config import make_config
-from engine.faults import StopSignals
+from engine.faults import StopSignals, TrainingDiverged
 from engine.parallel import close_distributed
 from engine.trainer import build_state, next_batches, run, train_step
 
@@ -57,7 +57,7 @@ def test_non_finite_step_is_skipped_without_touching_weights_or_adam(tmp_path, m
 def test_max_bad_steps_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setenv("NITP_DEBUG_NAN_STEPS", "3,5,6,7")
     cfg = make_config("tiny", **{**SMALL, "steps": 20}, out=str(tmp_path), ckpt_every=2, max_bad_steps=3)
-    with pytest.raises(SystemExit, match=r"3 consecutive steps \(up to step 7\).*--max-bad-steps 3.*step 4"):
+    with pytest.raises(TrainingDiverged, match=r"^3 consecutive steps \(up to step 7\).*--max-bad-steps 3.*step 4"):
         run(cfg)
     records = rows(tmp_path)
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6, 7]
