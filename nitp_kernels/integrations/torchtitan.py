@@ -259,9 +259,11 @@ class NITPLoss(ChunkedLossWrapper):
         if isinstance(lm_head, FSDPModule):
             lm_head.unshard()  # a no-op unless --parallelism.fsdp_reshard_after_forward always resharded it
         projector = None if pred.projector is None else tuple(_replicated_local(w) for w in pred.projector)
+        # Detached before any gather: with the stop-gradient target, no gradient goes back through it.
+        shallow = pred.shallow.detach() if self.options["stop_gradient"] else pred.shallow
         result = fused_nitp_loss(
             _replicated_local(pred.hidden), _replicated_local(lm_head.weight), _replicated_local(labels),
-            _replicated_local(pred.shallow), projector,
+            _replicated_local(shallow), projector,
             lm_bias=None if lm_head.bias is None else _replicated_local(lm_head.bias),
             reduction="sum", ignore_index=IGNORE_INDEX, **self.options)
         with torch.no_grad():
