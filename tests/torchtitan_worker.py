@@ -1,8 +1,8 @@
 """torchtitan Trainer runs for tests/test_torchtitan.py (a script: torchtitan is slow to import, so each
 launch does several checks and writes what the test asserts on into OUT).
 
-    python tests/torchtitan_worker.py single OUT          # one process: stock vs λ=0, resume, export, reference
-    torchrun --nproc-per-node 2 tests/torchtitan_worker.py parallel OUT   # dp=2 and tp=2 gradients
+    python tests/torchtitan_worker.py single OUT      # one process: stock vs λ=0, resume, Hugging Face export
+    torchrun --nproc-per-node 2 tests/torchtitan_worker.py parallel OUT   # dp=2 and tp=2 vs plain PyTorch
 
 Every run is the llama3 debug model on CPU (SDPA, fp32, gloo) with the engine's synthetic corpus.
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -18,7 +19,9 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 from torch.distributed.tensor import DTensor, distribute_tensor  # noqa: E402
+import torchtitan.trainer as trainer_module  # noqa: E402
 from torchtitan.models.llama3.config_registry import llama3_debugmodel  # noqa: E402
 
 from examples.titan_nitp import cpu_config  # noqa: E402
@@ -38,7 +41,19 @@ def make_config(out: Path, *, nitp: bool, nitp_weight: float = 1.0, steps: int =
     return nitp_trainer_config(config, nitp_weight=nitp_weight) if nitp else config
 
 
+class _NoSleep:
+    """time, without the 2 s sleep Trainer.train ends with (for other ranks; this worker waits on no one)."""
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(time, name)
+
+    @staticmethod
+    def sleep(seconds: float) -> None:
+        pass
+
+
 def build(config: object) -> object:
+    trainer_module.time = _NoSleep()
     trainer = config.build()
     trainer.logged_losses = []
     log = trainer.metrics_processor.log
@@ -87,14 +102,12 @@ def gradients(trainer: object, inputs: torch.Tensor, labels: torch.Tensor, n_val
 
 
 def projector_state(trainer: object) -> dict:
+    """The projector's weights and Adam moments (exp_avg, exp_avg_sq; none before the first step), by name."""
     model = trainer.model_parts[0]
-    weights = {n: full(p) for n, p in model.named_parameters() if "nitp_projector" in n}
-    optimizer = trainer.optimizers.optimizers[0]
-    moments = {}
-    for name, param in model.named_parameters():
-        if "nitp_projector" in name and optimizer.state[param]:  # empty before the first step
-            state = optimizer.state[param]
-            moments.update({f"{name}.{key}": full(state[key]) for key in ("exp_avg", "exp_avg_sq")})
+    weights = {clean(n): full(p) for n, p in model.named_parameters() if "nitp_projector" in n}
+    optimizer_state = trainer.optimizers.state_dict()  # flattened, keyed by parameter name
+    moments = {key: full(value) for key, value in optimizer_state.items()
+               if key.startswith("state.nitp_projector.") and key.endswith(("exp_avg", "exp_avg_sq"))}
     return {"weights": weights, "moments": moments}
 
 
@@ -111,14 +124,7 @@ def single(out: Path) -> None:
     results["zero_step1"] = zero.logged_losses[0]
     results["zero_step1_ce"] = zero.nitp_history[0]["ce"]
 
-    # 2. Reference gradients (dp=1) on a fixed batch, from saved weights the parallel runs load too.
-    reference = build(make_config(out, nitp=True, sub="reference"))
-    inputs, labels = fixed_batch()
-    torch.save({clean(n): full(p) for n, p in reference.model_parts[0].named_parameters()}, out / "weights.pt")
-    torch.save(gradients(reference, inputs, labels, int((labels != -100).sum())), out / "grads_dp1.pt")
-    reference.close()
-
-    # 3. Train 2 steps and checkpoint; a new Trainer resumes (projector and its Adam moments), trains a 3rd
+    # 2. Train 2 steps and checkpoint; a new Trainer resumes (projector and its Adam moments), trains a 3rd
     #    step and exports to Hugging Face safetensors (model only) through the state-dict adapter.
     config = make_config(out, nitp=True, steps=2, sub="ckpt")
     config.checkpoint.enable, config.checkpoint.interval = True, 2
@@ -134,6 +140,7 @@ def single(out: Path) -> None:
     second.checkpointer.load(step=-1)
     torch.save({"saved": saved, "fresh": fresh, "loaded": projector_state(second)}, out / "resume.pt")
     second.train()
+    inputs, _ = fixed_batch()
     model = second.model_parts[0]
     model._skip_lm_head = False
     with torch.no_grad():
@@ -157,19 +164,57 @@ def single(out: Path) -> None:
     (out / "single.json").write_text(json.dumps(results))
 
 
+def reference_gradients(out: Path, inputs: torch.Tensor, labels: torch.Tensor, n_valid: int) -> dict:
+    """The model unsharded, outside any Trainer: "hand" = CE and the cosine NITP loss written out in plain
+    PyTorch (logits built, no fused op); "dp1" = NITPLoss on it (the fused op, as one data-parallel rank runs it)."""
+    config = make_config(out, nitp=True, sub="reference")
+    model_config = config.model_spec.model
+    model_config.update_from_config(config=config)
+    torch.manual_seed(0)
+    model = model_config.build()
+    model.init_weights()
+    model._skip_lm_head = True
+    named = list(model.named_parameters())
+    runs = {"weights": {clean(n): p.detach().clone() for n, p in named}}
+
+    hidden, shallow, (w_gate, w_up, w_down) = model(inputs)
+    logits = F.linear(hidden, model.lm_head.weight)
+    ce = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum", ignore_index=-100)
+    predicted = F.linear(F.silu(F.linear(hidden, w_gate)) * F.linear(hidden, w_up), w_down)[:, :-1]
+    target = shallow.detach()[:, 1:]  # hidden_states[k] at t + 1, stop-gradient
+    cosine = (predicted * target).sum(-1) / (predicted.norm(dim=-1).clamp_min(1e-6)
+                                            * target.norm(dim=-1).clamp_min(1e-6))
+    nitp = ((1 - cosine) * (labels[:, :-1] != -100)).sum()
+    loss = (ce + nitp) / n_valid
+    loss.backward()
+    runs["hand"] = {"loss": float(loss), "grads": {clean(n): p.grad.clone() for n, p in named}}
+
+    model.zero_grad(set_to_none=True)
+    loss_fn = config.loss.build()
+    loss_fn.set_lm_head(model.lm_head)
+    loss, _ = loss_fn(model(inputs), labels, torch.tensor(n_valid))
+    loss.backward()
+    runs["dp1"] = {"loss": float(loss), "grads": {clean(n): p.grad.clone() for n, p in named}}
+    return runs
+
+
 def parallel(out: Path) -> None:
     dist.init_process_group("gloo")  # torchtitan's Trainers then reuse this process group
     rank, world = dist.get_rank(), dist.get_world_size()
     inputs, labels = fixed_batch()
     n_valid = int((labels != -100).sum())
-    weights = torch.load(out / "weights.pt")
-    runs = {}
+    runs = reference_gradients(out, inputs, labels, n_valid)
+    weights = runs.pop("weights")
     for name, dp, tp in (("dp2", world, 1), ("tp2", 1, world)):
         batch = GLOBAL_BATCH // dp
         trainer = build(make_config(out, nitp=True, batch=batch, dp=dp, tp=tp, sub=name))
         load_weights(trainer.model_parts[0], weights)
         rows = slice(rank * batch, (rank + 1) * batch) if dp > 1 else slice(None)
         runs[name] = gradients(trainer, inputs[rows], labels[rows], n_valid)
+        if dp > 1:  # each rank returns its share of the loss (its sum over the global count)
+            total = torch.tensor(runs[name]["loss"], dtype=torch.float64)
+            dist.all_reduce(total)
+            runs[name]["loss"] = float(total)
         trainer.close()
     if rank == 0:
         torch.save(runs, out / "grads_parallel.pt")
