@@ -40,6 +40,7 @@ from torch import Tensor
 from ..api import fused_nitp_loss
 from ..modules import NITPProjector
 from ..options import validate_options
+from .hf import default_target_layer  # the paper's rule, shared with the Hugging Face integration
 
 TORCHTITAN_VERSION = "0.3.0"
 _installed = importlib.metadata.version("torchtitan")
@@ -58,11 +59,6 @@ from torchtitan.tools.logging import logger  # noqa: E402
 from torchtitan.trainer import Trainer  # noqa: E402
 
 PROJECTOR_NAME = "nitp_projector"
-
-
-def default_target_layer(num_layers: int) -> int:
-    """round(0.2 × layers), the paper's choice of k near 20% of depth (3 of 16, 5 of 24, 6 of 28)."""
-    return min(round(0.2 * num_layers), num_layers - 1)
 
 
 class NITPHiddenStates(NamedTuple):
@@ -297,8 +293,8 @@ class NITPTrainer(Trainer):
             return
         totals = self.loss_fn.totals.to(self.device)
         if self.parallel_dims.dp_cp_enabled:
-            totals = dist_utils.dist_sum(totals, self.parallel_dims.get_optional_mesh("loss"))
-        ce_sum, n_ce, nitp_sum, n_nitp = totals.tolist() if isinstance(totals, Tensor) else totals
+            totals = dist_utils.dist_sum_tensor(totals, self.parallel_dims.get_optional_mesh("loss"))
+        ce_sum, n_ce, nitp_sum, n_nitp = totals.tolist()
         entry = {"step": self.step, "ce": ce_sum / max(n_ce, 1.0), "nitp": nitp_sum / max(n_nitp, 1.0)}
         self.nitp_history.append(entry)
         logger.info(f"step {self.step:2}  nitp/ce {entry['ce']:.4f}  nitp/nitp {entry['nitp']:.4f}")
