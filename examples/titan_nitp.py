@@ -31,12 +31,13 @@ DEFAULT_CACHE = os.environ.get("NITP_DATA_CACHE", ".cache/nitp-data")
 
 
 def _engine_data(data: str, vocab_size: int, seq_len: int, batch_size: int, seed: int, cache_dir: str,
-                 rank: int, world_size: int) -> Any:
+                 rank: int, world_size: int, synthetic_tokens: int = 2**20) -> Any:
     """The engine's corpus, BPE tokenizer and packing, through its one public entry point."""
     from engine.data import build_data
 
     settings = SimpleNamespace(data=data, vocab_size=vocab_size, seq_len=seq_len, micro_batch_size=batch_size,
-                               seed=seed, val_fraction=0.01, data_cache_dir=cache_dir)
+                               seed=seed, val_fraction=0.01, data_cache_dir=cache_dir,
+                               synthetic_tokens=synthetic_tokens)
     return build_data(settings, rank=rank, world_size=world_size)
 
 
@@ -51,7 +52,8 @@ class EngineTokenizer(BaseTokenizer):
 
     def __init__(self, config: Config, *, tokenizer_path: str | None = None) -> None:
         super().__init__()
-        bundle = _engine_data(config.data, config.vocab_size, 1, 1, 0, config.cache_dir, 0, 1)
+        # Only the vocabulary, EOD id and tokenizer file are read here: a small synthetic stream is enough.
+        bundle = _engine_data(config.data, config.vocab_size, 1, 1, 0, config.cache_dir, 0, 1, synthetic_tokens=4096)
         self.vocab_size = bundle.vocab_size
         self.eos_id = bundle.eod_id
         path = bundle.info.get("data_tokenizer")

@@ -89,9 +89,11 @@ def test_two_processes_data_and_tensor_parallel_gradients_equal_one_process(tmp_
     assert set(one["grads"]) == set(runs["hand"]["grads"])
     for name, grad in runs["hand"]["grads"].items():
         assert relative_error(one["grads"][name], grad) < 1e-5, name
-    # FSDP over 2 ranks, and tensor parallel over 2 (projector replicated, vocab-sharded LM head gathered).
+    # FSDP over 2 ranks, and tensor parallel over 2 (projector replicated, vocab-sharded LM head gathered),
+    # both with the debug config's activation checkpointing on the blocks.
     for layout in ("dp2", "tp2"):
         run = runs[layout]
+        assert run["activation_checkpointing"], layout
         assert abs(run["loss"] - one["loss"]) <= 1e-6 * abs(one["loss"]), layout
         assert set(run["grads"]) == set(one["grads"]) and any("nitp_projector" in n for n in one["grads"])
         for name, grad in one["grads"].items():

@@ -97,8 +97,10 @@ def gradients(trainer: object, inputs: torch.Tensor, labels: torch.Tensor, n_val
     """One forward/backward of the Trainer on this rank's batch; the full (gathered) gradient of each parameter."""
     loss = trainer.forward_backward_step(input_dict={"input": inputs}, labels=labels,
                                          global_valid_tokens=torch.tensor(n_valid))
-    grads = {clean(n): full(p.grad) for n, p in trainer.model_parts[0].named_parameters()}
-    return {"loss": float(loss), "grads": grads}
+    named = list(trainer.model_parts[0].named_parameters())
+    grads = {clean(n): full(p.grad) for n, p in named}
+    activation_checkpointing = any("_checkpoint_wrapped_module" in n for n, _ in named)
+    return {"loss": float(loss), "grads": grads, "activation_checkpointing": activation_checkpointing}
 
 
 def projector_state(trainer: object) -> dict:

@@ -43,11 +43,15 @@ from ..options import validate_options
 from .hf import default_target_layer  # the paper's rule, shared with the Hugging Face integration
 
 TORCHTITAN_VERSION = "0.3.0"
-_installed = importlib.metadata.version("torchtitan")
+try:
+    _installed: Optional[str] = importlib.metadata.version("torchtitan")
+except importlib.metadata.PackageNotFoundError:
+    _installed = None
 if _installed != TORCHTITAN_VERSION:
     raise ImportError(f"nitp_kernels.integrations.torchtitan is written for torchtitan=={TORCHTITAN_VERSION} "
-                      f"(its model, loss and trainer APIs change between releases); found {_installed}. "
-                      f"Install it with: pip install 'nitp-kernels[torchtitan]'")
+                      f"(its model, loss and trainer APIs change between releases); found "
+                      f"{_installed or 'none installed'}. Install it (Python >= 3.11) with: "
+                      "pip install 'nitp-kernels[torchtitan]'")
 
 from torchtitan.components.loss import IGNORE_INDEX, BaseLoss, ChunkedLossWrapper  # noqa: E402
 from torchtitan.config import CompileConfig  # noqa: E402
