@@ -178,6 +178,8 @@ def reference_gradients(out: Path, inputs: torch.Tensor, labels: torch.Tensor, n
     model._skip_lm_head = True
     named = list(model.named_parameters())
     runs = {"weights": {clean(n): p.detach().clone() for n, p in named}}
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return runs  # every rank needs the weights; only rank 0 reports the reference gradients
 
     hidden, shallow, (w_gate, w_up, w_down) = model(inputs)
     logits = F.linear(hidden, model.lm_head.weight)
