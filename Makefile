@@ -8,7 +8,7 @@ TORCH_PIN ?= torch==2.13.0
 STAMP := $(VENV)/.setup-stamp
 PYTEST_WORKERS ?= 2
 
-.PHONY: setup test demo bench micro-bench compare compile-check clean
+.PHONY: setup test demo titan-demo bench micro-bench compare compile-check clean
 
 setup: $(STAMP)
 
@@ -16,7 +16,8 @@ $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_PIN)
-	$(PY) -m pip install -q -e '.[engine,dev]'
+	# The torchtitan extra installs only on Python >= 3.11 (its marker); the torch pin keeps this torch build.
+	$(PY) -m pip install -q $(TORCH_PIN) -e '.[engine,dev,torchtitan]'
 	touch $(STAMP)
 
 # The compile gate runs without the interpreter: triton.compile refuses TRITON_INTERPRET=1.
@@ -29,6 +30,10 @@ test: setup compile-check
 # Run again, the demo continues where it stopped (a finished one reports that there is nothing to train).
 demo: setup
 	$(PY) engine/train.py --preset tiny --out runs/demo --resume auto
+
+# torchtitan's llama3 debug model with NITP, 10 steps on CPU on the stdlib corpus (no download).
+titan-demo: setup
+	$(PY) examples/titan_demo.py
 
 bench: setup
 	$(PY) -m benchmarks.run $(if $(QUICK),--quick,)
