@@ -1,4 +1,4 @@
-"""Step level (issue 6, item 2): one whole training step (forward, backward, optimizer), NTP against NITP.
+"""Step level: one whole training step (forward, backward, optimizer), NTP against NITP.
 
 The engine's own code path: `build_state` (FSDP2 over a world of one, AdamW, the fused loss) and `train_step`,
 on the engine's synthetic data. Both objectives are built in this one process from the same seed and timed in

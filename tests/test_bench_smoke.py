@@ -46,11 +46,11 @@ def test_op_ratios_are_finite_and_positive(smoke):
     assert ratios["flops_ratio"] == pytest.approx(1 + 12 * d / vocab)
     methods = shape["methods"]
     assert "Triton" in methods["liger_flce"]["skipped"]
-    for name in ("naive_ntp", "flce_ours", "naive_nitp", "nitp_ours"):
+    for name in ("naive_ntp", "ours_ntp", "naive_nitp", "ours_nitp"):
         times = methods[name]["time_ms_all"]
         assert len(times) >= 5 and all(_positive(t) for t in times)
     # the fused op keeps exactly its gradient buffers (fp32): d hidden, d lm_weight (+ the projector's 12 d^2)
-    flce, nitp = methods["flce_ours"]["saved_new_bytes"], methods["nitp_ours"]["saved_new_bytes"]
+    flce, nitp = methods["ours_ntp"]["saved_new_bytes"], methods["ours_nitp"]["saved_new_bytes"]
     assert 4 * (n * d + vocab * d) <= flce <= 4 * (n * d + vocab * d) + 2**20
     assert 4 * (n * d + vocab * d + 12 * d * d) <= nitp <= 4 * (n * d + vocab * d + 12 * d * d) + 2**20
     assert methods["naive_ntp"]["saved_new_bytes"] >= 4 * n * vocab  # the materialised logits
