@@ -93,6 +93,8 @@ def measure(method: str, x: OpInputs, d: int, n: int, settings: Settings, device
         loss_fn = build_method(method, x, **method_options(device))
     except MethodSkipped as err:
         return record(method, d, n, settings, f"unavailable: {err}")
+    except Exception as err:  # a competitor whose API differs from what build_method expects
+        return record(method, d, n, settings, f"error: {first_line(err)}")
 
     def step() -> None:
         loss_fn().backward()

@@ -31,7 +31,7 @@ DRY_RUN=0
 case "${1:-}" in
   "") ;;
   --dry-run) DRY_RUN=1 ;;
-  -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
+  -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
   *) echo "gpu_check.sh: unknown argument '$1' (allowed: --dry-run, --help)" >&2; exit 2 ;;
 esac
 PY=${PYTHON:-python3}
@@ -40,6 +40,9 @@ mkdir -p "$RESULTS" || { echo "gpu_check.sh: cannot create $RESULTS" >&2; exit 2
 JSON="$RESULTS/gpu_check.json"
 rm -f "$JSON" "$RESULTS/gpu_tests.xml" "$RESULTS/gpu_tests.log"  # nothing of an earlier run may be read as this one's
 exec > >(tee "$RESULTS/gpu_check.log") 2>&1
+TEE_PID=$!
+# every exit goes through here: the log must be complete when the caller collects the results folder
+finish() { exec >&- 2>&-; wait "$TEE_PID" 2>/dev/null; exit "$1"; }
 BUDGET=${GPU_CHECK_BUDGET_S:-285}
 START=$SECONDS
 remaining() { echo $(( BUDGET - (SECONDS - START) )); }
@@ -58,14 +61,14 @@ timeout 20 nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used,c
 CUDA=$(timeout 60 "$PY" -c 'import sys, torch, triton
 print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda, "triton",
       triton.__version__, file=sys.stderr)
-print(int(torch.cuda.is_available()))') || { loud "$PY cannot import torch and triton: nothing can run"; exit 1; }
+print(int(torch.cuda.is_available()))') || { loud "$PY cannot import torch and triton: nothing can run"; finish 1; }
 if [ "$CUDA" = 1 ]; then
   unset TRITON_INTERPRET
 elif [ "$DRY_RUN" = 1 ]; then
   export TRITON_INTERPRET=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # tiny shapes: one thread, no oversubscription
 else
   loud "no CUDA device here: this is the GPU check; on a CPU run 'bash benchmarks/gpu_check.sh --dry-run'"
-  exit 1
+  finish 1
 fi
 
 # The competitors: from .whl/ where this python lacks them. The dry run installs present wheels into a
@@ -121,7 +124,8 @@ TESTS=tests/
 echo "== 3. pytest -m cuda $TESTS ($(remaining) s left)"
 if "$PY" -c "import pytest" >/dev/null 2>&1; then
   limit=$(part_limit 75 15)
-  timeout -k 5 "$limit" "$PY" -m pytest -m cuda "$TESTS" -q -rs -p no:cacheprovider \
+  # -v: a run cut by the timeout still shows in the log which test was running (the XML comes only at the end)
+  timeout -k 5 "$limit" "$PY" -m pytest -m cuda "$TESTS" -v -rs --durations=10 -p no:cacheprovider \
     --continue-on-collection-errors --junitxml="$RESULTS/gpu_tests.xml" 2>&1 | tee "$RESULTS/gpu_tests.log"
   TESTS_STATUS=${PIPESTATUS[0]}
 else
@@ -137,4 +141,4 @@ timeout -k 5 30 "$PY" -m benchmarks.gpu_summary --out "$JSON" $DRY --tests-log "
 SUMMARY_STATUS=$?  # 0 only when every part finished and no CUDA test failed (see gpu_summary.py)
 echo "gpu_check.sh: total $(( SECONDS - START )) s; results in $RESULTS"
 [ "$DRY_RUN" = 1 ] && rm -rf "$SITE"
-exit $(( SUMMARY_STATUS == 0 ? 0 : 1 ))
+finish $(( SUMMARY_STATUS == 0 ? 0 : 1 ))

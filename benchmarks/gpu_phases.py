@@ -151,7 +151,7 @@ def phase_ops(x, chunk: int, device: torch.device) -> dict[str, tuple[str, Calla
                                    lambda: grad_w.add_(_product_fp32(logits.T, h))),
         "dw_gemm_inplace": (f"torch.addmm(grad_w, d_logits.T, h_chunk, out_dtype=fp32, out=grad_w) ({vocab} x {d})",
                             dw_inplace if device.type == "cuda" else cuda_only),
-        "nitp_part": (f"NITP of one chunk, cosine, H={width}: 5 GEMMs + swiglu fwd/bwd + nitp_rows, weight "
+        "nitp_part": (f"NITP of one chunk, cosine, H={width}: 6 GEMMs + swiglu fwd/bwd + nitp_rows, weight "
                       "gradients added into fp32 buffers", nitp_part),
     }
 
@@ -183,8 +183,8 @@ def run_phases(settings: Settings, device: torch.device, chunk: int, chunk_sourc
     return {"d": d, "V": settings.vocab, "N": n, "dtype": settings.dtype, "chunk_size": chunk,
             "chunk_source": chunk_source, "n_chunks": n_chunks, "phase_warmup": settings.phase_warmup,
             "phase_reps": settings.phase_reps,
-            "note": ("isolated timings: each operation of one chunk run alone with CUDA events at this chunk's "
-                     "shape, median of phase_reps runs after phase_warmup runs; not a profile of the loop"),
+            "note": ("isolated timings: each operation of one chunk run alone (CUDA events; wall clock on a CPU) at "
+                     "this chunk's shape, median of phase_reps runs after phase_warmup runs; not a profile of the loop"),
             "phases": phases, "sum_of_phases_times_chunks_ms": estimate, "measured_ours_nitp_ms": measured_ms}
 
 

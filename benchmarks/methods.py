@@ -193,17 +193,22 @@ def _liger_loss(accum_dtype: torch.dtype | None, on_cuda: bool, interpreter: boo
 def _cce_impl(name: str, on_cuda: bool, cpu_impl: str | None) -> str:
     """The impl string CCE gets for method `name`, or MethodSkipped with the reason."""
     if name == "cce_kahan_full_c":
-        if not on_cuda:
-            raise MethodSkipped("no CPU path: CCE's Kahan variants exist only as Triton kernels (bf16 tl.dot, "
-                                "which Triton's interpreter computes wrongly)")
-        import cut_cross_entropy.linear_cross_entropy as lce
+        import importlib
 
-        impls = getattr(lce, "LinearCrossEntropyImpl", None)
+        import cut_cross_entropy
+
+        # newer versions export the enum; 25.1.1 keeps it in the submodule (whose name the package's
+        # linear_cross_entropy function shadows as an attribute, hence import_module)
+        impls = getattr(cut_cross_entropy, "LinearCrossEntropyImpl", None) or getattr(
+            importlib.import_module("cut_cross_entropy.linear_cross_entropy"), "LinearCrossEntropyImpl", None)
         if impls is None or "CCE_KAHAN_FULL_C" not in impls.__members__:
             known = sorted(m.lower() for m in impls.__members__) if impls is not None else []
             raise MethodSkipped(f"cut-cross-entropy {_package_version('cut-cross-entropy')} has no impl "
                                 f"'cce_kahan_full_c' (it has {known}); the Kahan variants exist only in sources "
-                                "newer than the latest release on PyPI (25.1.1)")
+                                "newer than its latest release on PyPI, 25.1.1")
+        if not on_cuda:
+            raise MethodSkipped("no CPU path: CCE's Kahan variants exist only as Triton kernels (bf16 tl.dot, "
+                                "which Triton's interpreter computes wrongly)")
         return "cce_kahan_full_c"
     if on_cuda:
         return "cce"

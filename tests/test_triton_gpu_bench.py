@@ -55,8 +55,12 @@ def test_dry_run_writes_the_schema(dry_run):
 def test_dry_run_measures_every_method_with_a_cpu_path(dry_run):
     records = dry_run[1]["records"]
     for r in records:
-        if r["method"] in ("cce", "cce_kahan_full_c"):  # Triton kernels with bf16 tl.dot: no CPU path
+        if r["method"] == "cce":  # a Triton kernel with bf16 tl.dot: no CPU path
             assert r["status"].startswith("unavailable: no CPU path"), r
+            continue
+        if r["method"] == "cce_kahan_full_c":  # the version check comes first: it holds on a GPU too
+            assert re.match(r"unavailable: (cut-cross-entropy [^ ]+ has no impl 'cce_kahan_full_c'|no CPU path)",
+                            r["status"]), r
             continue
         assert r["status"] == "ok", r
         assert r["ms"] > 0 and r["peak_mib"] is None  # peak memory is a CUDA figure
@@ -155,3 +159,22 @@ def test_goal_rows_and_verdict(tmp_path):
                                                                                    "errors": 0}})
     problems = gpu_summary.verdict(report, dry_run=False)
     assert problems == ["part chunks exit status 124", "CUDA tests: 1 failed, 0 errors", "no CUDA test passed"]
+
+
+def test_a_failing_method_is_recorded_not_fatal(monkeypatch):
+    """A competitor that raises while being built or run becomes an "error: ..." record; the run goes on."""
+    import torch
+
+    from benchmarks.methods import make_inputs
+
+    x = make_inputs(8, 4, 16, seq_len=4, dtype=torch.bfloat16)
+
+    def broken_build(name, inputs, **options):
+        raise AttributeError("module 'cut_cross_entropy' has no attribute 'X'")
+
+    monkeypatch.setattr(gpu_check, "build_method", broken_build)
+    rec = gpu_check.measure("cce", x, 4, 8, DRY_RUN, torch.device("cpu"), None)
+    assert rec["status"] == "error: AttributeError: module 'cut_cross_entropy' has no attribute 'X'"
+    monkeypatch.setattr(gpu_check, "build_method", lambda name, inputs, **o: (lambda: 1 / 0))
+    rec = gpu_check.measure("cce", x, 4, 8, DRY_RUN, torch.device("cpu"), None)
+    assert rec["status"] == "error: ZeroDivisionError: division by zero" and rec["ms"] is None
