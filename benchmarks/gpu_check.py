@@ -28,6 +28,7 @@ from typing import Callable
 
 import torch
 
+from benchmarks.grad_reference import ReferenceGradients
 from benchmarks.gpu_report import (Report, Settings, first_line, job_list, line_figures, poisons_cuda, record,
                                    settings_for)
 from benchmarks.harness import cuda_peak_delta, median, time_interleaved
@@ -86,7 +87,7 @@ def check_environment(device: torch.device, settings: Settings, dry_run: bool) -
 
 
 def measure(method: str, x: OpInputs, d: int, n: int, settings: Settings, device: torch.device,
-            reference: Callable[[], object] | None) -> dict:
+            reference: ReferenceGradients | None) -> dict:
     """One method at one shape: its record (never raises for the method's own failures)."""
     x.clear_grads()
     try:
@@ -107,7 +108,7 @@ def measure(method: str, x: OpInputs, d: int, n: int, settings: Settings, device
             x.clear_grads()
             peak_mib = cuda_peak_delta(step, device)["peak_extra_bytes"] / MiB
         # compared: the gradients the last run left in x's leaves
-        errors = None if reference is None else reference().errors(nitp_loss_type(method))
+        errors = None if reference is None else reference.errors(nitp_loss_type(method))
         return record(method, d, n, settings, "ok", median(times), peak_mib, errors)
     except torch.cuda.OutOfMemoryError:
         return record(method, d, n, settings, "oom")
@@ -122,8 +123,6 @@ def measure(method: str, x: OpInputs, d: int, n: int, settings: Settings, device
 def run_methods(settings: Settings, report: Report, device: torch.device, budget_s: float, resume: bool,
                 log: Callable[[str], None] = print) -> int:
     """Every job not yet recorded; 0, or EXIT_CUDA_POISONED after an error that leaves CUDA unusable."""
-    from benchmarks.grad_reference import ReferenceGradients
-
     began = time.monotonic()
     done = {(r["method"], r["d"], r["N"]) for r in report.data["records"]} if resume else set()
     shape, x, reference = None, None, None
@@ -146,7 +145,7 @@ def run_methods(settings: Settings, report: Report, device: torch.device, budget
             if shape == settings.error_shape:
                 reference = ReferenceGradients(x)
         started = time.monotonic()
-        rec = measure(method, x, d, n, settings, device, (lambda r=reference: r) if reference else None)
+        rec = measure(method, x, d, n, settings, device, reference)
         report.put(rec)
         log(f"{method:20s} d={d:5d} N={n:6d}  {line_figures(rec)}  ({time.monotonic() - started:.1f} s)")
         if device.type == "cuda" and poisons_cuda(rec["status"]):

@@ -17,14 +17,16 @@ def _positive(value) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
 
 
-@pytest.fixture(scope="module")
-def smoke(tmp_path_factory):
-    out = tmp_path_factory.mktemp("bench")
-    assert run.main(["--smoke", "--out", str(out)]) == 0
-    return out, json.loads((out / "latest.json").read_text())
+def test_smoke_run(tmp_path):
+    """One smoke run (one test, so that pytest-xdist's workers do not each run it), three checks."""
+    assert run.main(["--smoke", "--out", str(tmp_path)]) == 0
+    smoke = tmp_path, json.loads((tmp_path / "latest.json").read_text())
+    check_json_and_png(smoke)
+    check_op_ratios_finite_and_positive(smoke)
+    check_step_and_paper_table(smoke)
 
 
-def test_smoke_writes_json_and_png(smoke):
+def check_json_and_png(smoke):
     out, result = smoke
     assert result["mode"] == "smoke"
     stamped = sorted(out.glob("bench-*.json"))
@@ -36,7 +38,7 @@ def test_smoke_writes_json_and_png(smoke):
         assert env[key], key
 
 
-def test_op_ratios_are_finite_and_positive(smoke):
+def check_op_ratios_finite_and_positive(smoke):
     (shape,) = smoke[1]["op"]["shapes"]
     n, d, vocab = shape["n"], shape["d"], shape["vocab"]
     ratios = shape["ratios"]
@@ -57,7 +59,7 @@ def test_op_ratios_are_finite_and_positive(smoke):
     assert all(check["agree"] for check in shape["loss_check"].values()) and set(shape["loss_check"]) == {"ntp", "nitp"}
 
 
-def test_step_and_paper_table(smoke):
+def check_step_and_paper_table(smoke):
     (config,) = smoke[1]["step"]["configs"]
     for key in ("nitp_over_ntp_time", "overhead_full_count", "overhead_paper_formula", "mfu_ntp"):
         assert _positive(config["ratios"][key]), key

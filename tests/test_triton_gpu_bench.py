@@ -26,17 +26,20 @@ REPO = Path(__file__).resolve().parents[1]
 STATUS = re.compile(r"^(ok|oom|unavailable: .+|error: .+)$")
 
 
-@pytest.fixture(scope="module")
-def dry_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("gpu_check")
-    env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable}
+def test_dry_run(tmp_path):
+    """One run of the script (one test, so that pytest-xdist's workers do not each run it), four checks."""
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable}
     done = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--dry-run"], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
-    return out, json.loads((out / "gpu_check.json").read_text()), done.stdout
+    dry_run = tmp_path, json.loads((tmp_path / "gpu_check.json").read_text()), done.stdout
+    check_schema(dry_run)
+    check_every_method_with_a_cpu_path_measured(dry_run)
+    check_gradient_errors_against_the_fp32_reference(dry_run)
+    check_goal_sweep_phases_and_parts(dry_run)
 
 
-def test_dry_run_writes_the_schema(dry_run):
+def check_schema(dry_run):
     out, report, stdout = dry_run
     assert {p.name for p in out.iterdir()} == {"gpu_check.json", "gpu_check.log", "gpu_tests.log", "gpu_tests.xml"}
     env = report["environment"]
@@ -52,7 +55,7 @@ def test_dry_run_writes_the_schema(dry_run):
     assert "GOAL" in stdout and "gpu_check: clean" in stdout
 
 
-def test_dry_run_measures_every_method_with_a_cpu_path(dry_run):
+def check_every_method_with_a_cpu_path_measured(dry_run):
     records = dry_run[1]["records"]
     for r in records:
         if r["method"] == "cce":  # a Triton kernel with bf16 tl.dot: no CPU path
@@ -66,7 +69,7 @@ def test_dry_run_measures_every_method_with_a_cpu_path(dry_run):
         assert r["ms"] > 0 and r["peak_mib"] is None  # peak memory is a CUDA figure
 
 
-def test_dry_run_gradient_errors_against_the_fp32_reference(dry_run):
+def check_gradient_errors_against_the_fp32_reference(dry_run):
     """Where measured (one shape), bf16 gradients sit at bf16's rounding of the fp32 reference: ours and the
     naive path round once (<= 5e-3), the others keep bf16 logits or gradients in between (<= 2e-2). A gradient
     without its NITP term, or scaled by a wrong 1/N, is off by more than 1e-1."""
@@ -83,7 +86,7 @@ def test_dry_run_gradient_errors_against_the_fp32_reference(dry_run):
         assert all(math.isfinite(e) and 0 <= e <= bound for e in errors.values()), r
 
 
-def test_dry_run_goal_sweep_phases_and_parts(dry_run):
+def check_goal_sweep_phases_and_parts(dry_run):
     report = dry_run[1]
     assert [(g["d"], g["N"]) for g in report["goal"]] == DRY_RUN.shapes
     for row in report["goal"]:
@@ -133,7 +136,7 @@ def test_resume_skips_recorded_jobs_and_a_poisoned_context_stops_the_run(tmp_pat
 
     monkeypatch.setattr(gpu_check, "measure", fake_measure)
     monkeypatch.setattr(gpu_check, "make_inputs", lambda *a, **k: None)
-    monkeypatch.setattr("benchmarks.grad_reference.ReferenceGradients", lambda x: None)
+    monkeypatch.setattr(gpu_check, "ReferenceGradients", lambda x: None)
     import torch
 
     assert gpu_check.run_methods(DRY_RUN, report, torch.device("cpu"), 1e9, resume=True, log=lambda s: None) == 0
