@@ -30,7 +30,7 @@ import torch
 from benchmarks.gpu_check import DTYPES, MiB, check_device, method_options
 from benchmarks.gpu_report import Report, Settings, first_line, settings_for
 from benchmarks.harness import cuda_peak_delta, median, time_interleaved, time_once
-from benchmarks.methods import IGNORE_INDEX, make_inputs
+from benchmarks.methods import IGNORE_INDEX, OpInputs, make_inputs
 from nitp_kernels import fused_linear_cross_entropy, fused_nitp_loss
 
 
@@ -97,7 +97,7 @@ def _product_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a.float() @ b.float()
 
 
-def phase_ops(x, chunk: int, device: torch.device) -> dict[str, tuple[str, Callable[[], object] | str]]:
+def phase_ops(x: OpInputs, chunk: int, device: torch.device) -> dict[str, tuple[str, Callable[[], object] | str]]:
     """name -> (what it is, a closure running it once, or the reason it cannot run here)."""
     from nitp_kernels.kernels.cross_entropy import cross_entropy_rows
     from nitp_kernels.kernels.nitp_rows import nitp_rows

@@ -181,3 +181,20 @@ def test_a_failing_method_is_recorded_not_fatal(monkeypatch):
     monkeypatch.setattr(gpu_check, "build_method", lambda name, inputs, **o: (lambda: 1 / 0))
     rec = gpu_check.measure("cce", x, 4, 8, DRY_RUN, torch.device("cpu"), None)
     assert rec["status"] == "error: ZeroDivisionError: division by zero" and rec["ms"] is None
+
+
+def test_sweep_uses_the_public_default_chunk_rule_when_it_exists(monkeypatch):
+    import torch
+
+    import nitp_kernels
+    from benchmarks.gpu_phases import public_default_chunk
+
+    monkeypatch.delattr(nitp_kernels, "default_chunk_size", raising=False)
+    assert public_default_chunk(16384, 1280, 152064, torch.bfloat16) == (
+        None, "nitp_kernels.default_chunk_size does not exist in this version")
+    monkeypatch.setattr(nitp_kernels, "default_chunk_size", lambda n, d, v, dtype: 2048 if dtype == torch.bfloat16
+                        else 0, raising=False)
+    assert public_default_chunk(16384, 1280, 152064, torch.bfloat16)[0] == 2048
+    monkeypatch.setattr(nitp_kernels, "default_chunk_size", lambda n, d, v: 256, raising=False)  # old signature
+    rows, why = public_default_chunk(16384, 1280, 152064, torch.bfloat16)
+    assert rows is None and why.startswith("nitp_kernels.default_chunk_size failed: TypeError")
