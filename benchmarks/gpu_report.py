@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 GOAL_METHODS = ("ours_nitp", "liger_flce", "liger_flce_fp32", "ours_ntp")
-OTHER_METHODS = ("cce", "cce_kahan_full_c", "torch_compile_ce", "unfused_nitp", "naive_ntp")
+# the ones that compile on first use (CCE's helpers and torch.compile: tens of seconds each) last
+OTHER_METHODS = ("unfused_nitp", "naive_ntp", "cce", "cce_kahan_full_c", "torch_compile_ce")
 LOSS_TYPE_METHODS = ("ours_nitp_mse", "ours_nitp_smooth_l1", "ours_nitp_kl")
 GPU_CHECK_METHODS = GOAL_METHODS + OTHER_METHODS + LOSS_TYPE_METHODS
 RECORD_KEYS = ("method", "d", "V", "N", "dtype", "ms", "peak_mib", "grad_rel_err", "status")
