@@ -102,7 +102,7 @@ METHODS_END=$(( SECONDS + $(part_limit 150 130) ))
 RESUME= ATTEMPT=1
 while :; do
   limit=$(( METHODS_END - SECONDS ))
-  [ "$limit" -lt 20 ] && { METHODS_STATUS="not started: $limit s left"; break; }
+  [ "$limit" -lt 30 ] && { METHODS_STATUS="not started: $limit s left"; break; }
   timeout -k 5 "$limit" "$PY" -m benchmarks.gpu_check --out "$JSON" --budget-s $(( limit - 20 )) $DRY $RESUME
   METHODS_STATUS=$?
   # 3: the CUDA context was poisoned by one method's error; a fresh process resumes after the recorded jobs
@@ -117,15 +117,21 @@ echo "gpu_check.sh: methods part exit status $METHODS_STATUS after $(( SECONDS -
 
 echo "== 2. chunk-size sweep and per-phase breakdown ($(remaining) s left)"
 limit=$(part_limit 40 90)
-timeout -k 5 "$limit" "$PY" -m benchmarks.gpu_phases --out "$JSON" --budget-s $(( limit - 15 )) $DRY
-CHUNKS_STATUS=$?
+if [ "$limit" -ge 25 ]; then
+  timeout -k 5 "$limit" "$PY" -m benchmarks.gpu_phases --out "$JSON" --budget-s $(( limit - 15 )) $DRY
+  CHUNKS_STATUS=$?
+else
+  CHUNKS_STATUS="not started: $limit s left"
+fi
 echo "gpu_check.sh: chunks part exit status $CHUNKS_STATUS after $(( SECONDS - START )) s"
 
 TESTS=tests/
 [ "$DRY_RUN" = 1 ] && TESTS=tests/test_triton_cuda.py  # collecting all of tests/ costs ~20 s on 2 cores
 echo "== 3. pytest -m cuda $TESTS ($(remaining) s left)"
-if "$PY" -c "import pytest" >/dev/null 2>&1; then
-  limit=$(part_limit 150 15)  # 75 s when the parts before used all of theirs
+limit=$(part_limit 150 15)  # 75 s when the parts before used all of theirs
+if [ "$limit" -lt 10 ]; then
+  TESTS_STATUS="not started: $limit s left"
+elif "$PY" -c "import pytest" >/dev/null 2>&1; then
   # -v: a run cut by the timeout still shows in the log which test was running (the XML comes only at the end)
   timeout -k 5 "$limit" "$PY" -m pytest -m cuda "$TESTS" -v -rs --durations=10 -p no:cacheprovider \
     --continue-on-collection-errors --junitxml="$RESULTS/gpu_tests.xml" 2>&1 | tee "$RESULTS/gpu_tests.log"

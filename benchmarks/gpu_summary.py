@@ -7,8 +7,8 @@ The goal per shape, printed plainly and stored under "goal": ours_nitp / liger_f
 liger_flce_fp32 peak memory; the goal is <= 1.0 each (CE + NITP on our op no slower than Liger's CE-only FLCE
 with its defaults, and no more memory than Liger's FLCE with the fp32 weight-gradient buffer we keep too).
 Also stored: the parts' exit statuses ("parts") and the CUDA tests' counts from pytest's JUnit XML ("tests").
-Exit status 1 when the check is not clean: a part that did not finish, a failing test, or (on a GPU) no test
-that passed.
+Exit status 1 when the check is not clean: a part that did not finish, a record that ended in an error, out of
+memory or unmeasured for want of time, a failing test, or (on a GPU) no test that passed.
 """
 from __future__ import annotations
 
@@ -83,9 +83,17 @@ def junit_counts(path: Path) -> dict:
 
 
 def verdict(report: Report, dry_run: bool) -> list[str]:
-    """Why the check is not clean (empty when it is): a part that did not finish, a failing or missing test."""
+    """Why the check is not clean (empty when it is): a part that did not finish, a record that ended in an
+    error, out of memory or unmeasured, a failing or missing test. (A method unavailable here is not a problem
+    of the check: its record says why.)"""
     problems = [f"part {name} exit status {status}" for name, status in report.data.get("parts", {}).items()
                 if name != "tests" and status != "0"]
+    statuses = [r["status"] for r in report.data.get("records", [])]
+    for kind, label in (("error", "ended in an error"), ("oom", "ran out of memory"),
+                        ("unavailable: not measured", "were not measured (time budget)")):
+        count = sum(status.startswith(kind) for status in statuses)
+        if count:
+            problems.append(f"{count} records {label}")
     tests = report.data.get("tests", {})
     counts = tests.get("counts")
     if counts is None:
@@ -121,7 +129,8 @@ def summarize(args: argparse.Namespace, settings: Settings) -> int:
         print("#" * 100 + "\n## test modules that could not be imported here (any CUDA tests in them did NOT run): "
               + ", ".join(counts["modules_not_importable"]) + "\n" + "#" * 100)
     problems = verdict(report, args.dry_run)
-    print("gpu_check: " + ("clean: every part finished and the CUDA tests passed" if not problems
+    print("gpu_check: " + ("clean: every part finished, every available method measured, no CUDA test failed"
+                           if not problems
                            else "NOT clean: " + "; ".join(problems)))
     return 1 if problems else 0
 

@@ -158,10 +158,15 @@ def test_goal_rows_and_verdict(tmp_path):
     assert rows[0]["peak_ours_nitp_over_liger_flce_fp32"] == pytest.approx(0.9) and rows[0]["memory_goal_met"]
     assert rows[1]["time_goal_met"] is None and set(rows[1]["missing"]) == {"ours_nitp", "liger_flce",
                                                                           "liger_flce_fp32"}
+    report.put(record("cce", d, n, GPU, "error: RuntimeError: Triton compilation failed"))
+    report.put(record("naive_ntp", d, n, GPU, "unavailable: not measured: this part's time budget of 120 s was spent"))
+    report.put(record("cce_kahan_full_c", d, n, GPU, "unavailable: cut-cross-entropy 25.1.1 has no impl"))
     report.data.update(parts={"methods": "0", "chunks": "124"}, tests={"counts": {"passed": 0, "failed": 1,
                                                                                    "errors": 0}})
     problems = gpu_summary.verdict(report, dry_run=False)
-    assert problems == ["part chunks exit status 124", "CUDA tests: 1 failed, 0 errors", "no CUDA test passed"]
+    assert problems == ["part chunks exit status 124", "1 records ended in an error",
+                        "1 records were not measured (time budget)", "CUDA tests: 1 failed, 0 errors",
+                        "no CUDA test passed"]
 
 
 def test_a_failing_method_is_recorded_not_fatal(monkeypatch):
