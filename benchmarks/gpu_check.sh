@@ -3,7 +3,8 @@
 # only the repository copied to the machine (not installed) and no network.
 #
 #   bash benchmarks/gpu_check.sh             # on the GPU machine, from anywhere in the repository
-#   bash benchmarks/gpu_check.sh --dry-run   # the same script at tiny shapes on a CPU (part of `make test`)
+#   bash benchmarks/gpu_check.sh --dry-run   # the same script at tiny shapes on a CPU (part of `make test`;
+#                                            # ~20 s of CPU time, 40-80 s wall on a busy 2-core box)
 #   PYTHON=/path/to/python GIT_COMMIT=<sha> bash benchmarks/gpu_check.sh
 # On a device machine that gets a copy of the working tree: send .whl/ along, and pass GIT_COMMIT (a copy
 # without .git cannot tell its commit otherwise).
@@ -25,7 +26,8 @@
 # Output: $OUT when set (the device tool's folder), else runs/gpu_check/ (runs/gpu_check/dry_run/ for --dry-run):
 #   gpu_check.json  {"environment", "records", "chunk_sweep", "phases", "goal", "parts", "tests"}, rewritten after
 #                   every measurement; gpu_check.log (all output); gpu_tests.log and gpu_tests.xml (pytest).
-# Exit status: 0 when every part finished and no CUDA test failed, else 1 (the results are on disk either way).
+# Exit status: 0 when the check is clean (every part finished, no record ended in an error, out of memory or
+# unmeasured, no CUDA test failed; see gpu_summary.py), else 1. The results are on disk either way.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -33,7 +35,7 @@ DRY_RUN=0
 case "${1:-}" in
   "") ;;
   --dry-run) DRY_RUN=1 ;;
-  -h|--help) sed -n '2,28p' "$0"; exit 0 ;;
+  -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
   *) echo "gpu_check.sh: unknown argument '$1' (allowed: --dry-run, --help)" >&2; exit 2 ;;
 esac
 PY=${PYTHON:-python3}
@@ -88,10 +90,10 @@ for pair in liger_kernel:liger-kernel cut_cross_entropy:cut-cross-entropy; do
          "Its methods will be recorded 'unavailable'; without liger-kernel the GOAL cannot be judged." \
          "Fix: run 'make gpu-wheels' on a machine with a network, and send .whl/ along with the repository."
   elif "$PY" -m pip --version >/dev/null 2>&1; then
-    timeout 60 "$PY" -m pip install -q --no-index --no-deps --target "$SITE" "$wheel" \
+    timeout 30 "$PY" -m pip install -q --no-index --no-deps --target "$SITE" "$wheel" \
       && echo "$dist: installed from $wheel into $SITE" || loud "FAILED to install $wheel into $SITE"
   else  # no pip: a pure-Python wheel is a zip archive laid out for site-packages
-    timeout 60 "$PY" -m zipfile -e "$wheel" "$SITE" \
+    timeout 30 "$PY" -m zipfile -e "$wheel" "$SITE" \
       && echo "$dist: unpacked $wheel into $SITE (no pip here)" || loud "FAILED to unpack $wheel into $SITE"
   fi
 done
