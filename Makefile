@@ -50,3 +50,13 @@ compare: setup
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
+
+# The competitors' pure-Python wheels for the GPU machine, which has no network: benchmarks/gpu_check.sh installs
+# them from .whl/ (git-ignored) with --no-index. Pinned to the versions of the dev environment, for Python 3.12.
+# Their METADATA requires only torch and triton (the rest are extras), which the GPU machine has. Needs only pip.
+LIGER_PIN ?= liger-kernel==0.8.5
+CCE_PIN ?= cut-cross-entropy==25.1.1
+.PHONY: gpu-wheels
+gpu-wheels:
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --dest .whl $(LIGER_PIN) $(CCE_PIN)
+	@ls -l .whl
