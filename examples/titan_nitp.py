@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from types import SimpleNamespace
 from typing import Any, Iterator
 
 import torch
@@ -34,10 +33,10 @@ def _engine_data(data: str, vocab_size: int, seq_len: int, batch_size: int, seed
                  rank: int, world_size: int, synthetic_tokens: int = 2**20) -> Any:
     """The engine's corpus, BPE tokenizer and packing, through its one public entry point."""
     from engine.data import build_data
+    from engine.data.config import DataConfig
 
-    settings = SimpleNamespace(data=data, vocab_size=vocab_size, seq_len=seq_len, micro_batch_size=batch_size,
-                               seed=seed, val_fraction=0.01, data_cache_dir=cache_dir,
-                               synthetic_tokens=synthetic_tokens)
+    settings = DataConfig(data=data, vocab_size=vocab_size, seq_len=seq_len, micro_batch_size=batch_size,
+                          seed=seed, val_fraction=0.01, data_cache_dir=cache_dir, synthetic_tokens=synthetic_tokens)
     return build_data(settings, rank=rank, world_size=world_size)
 
 
