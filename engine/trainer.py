@@ -36,8 +36,8 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from engine.checkpoint import Checkpointer, check_resumable
-from engine.cli import check_environment
 from engine.checkpoint.stateful import ModelState, OptimizerState
+from engine.cli import check_environment
 from engine.config import TrainConfig, gradient_accumulation_steps, validate, with_micro_batch_size
 from engine.data import IGNORE_INDEX, DataBundle, build_data
 from engine.faults import StopSignals, TrainingDiverged, debug_nan_steps, debug_signal_after
