@@ -2,14 +2,20 @@
 
     python -m engine.compare            # tiny preset on the stdlib corpus (~15 min on 2 CPU cores)
     python -m engine.compare --quick    # a toy model on synthetic data, well under a minute
+    python -m engine.compare --long     # the multi-seed λ sweep (engine/compare_sweep.py); hours
 
 Trains one run per objective (same preset, seed, data order; only the objective differs) through
 engine.trainer.run, with validation CE and the geometry probe (engine/geometry.py) on, then
-writes to --out (default runs/compare/<UTC time>/, a fresh folder each time): one run directory per objective, ``compare.png`` (every
-run on shared axes: train CE, validation CE, NITP loss, effective rank and average cosine of the
-last hidden states, effective rank of the NITP target hidden_states[k]), ``summary.md`` (final
-values, the NITP loss's shape against the paper's three phases, corpus hash, machine) and
+writes to --out (default runs/compare/<UTC time>/, a fresh folder each time): one run directory per
+objective, ``compare.png`` (every run on shared axes: train CE, validation CE, NITP loss, effective
+rank and average cosine of the last hidden states, effective rank of the NITP target
+hidden_states[k]), ``summary.md`` (final values, the validation CE over the whole validation split,
+the NITP loss's shape against the paper's three phases, corpus hash, machine) and
 ``summary.json``. The full version also copies compare.png and summary.md to docs/compare/.
+
+``--long`` trains NTP, NITP at every λ of --lambdas and cosreg for every seed of --seeds (4,000
+steps by default), --jobs runs at a time with one thread each, and reports mean ± std over seeds
+and the paired difference to NTP; see engine/compare_sweep.py. With --quick it runs the toy model.
 """
 
 from __future__ import annotations

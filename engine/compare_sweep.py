@@ -29,7 +29,7 @@ from typing import Any
 
 from engine.compare_report import (COLORS, TAIL, Curve, final_values, fmt, machine, nitp_phases, plot, read_run,
                                    series)
-from engine.config import make_config
+from engine.config import make_config, with_micro_batch_size
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # (key in final_values, column title, digits): the metrics compared across arms
@@ -110,15 +110,12 @@ def _train_one(settings: dict[str, Any], out: str, arm: Arm, seed: int) -> dict[
 def train_sweep(settings: dict[str, Any], out: str, arms: list[Arm], seeds: list[int],
                 jobs: int) -> dict[tuple[str, int], dict[str, Any]]:
     """Every (arm, seed) run, ``jobs`` at a time; returns {(arm name, seed): {config, records, seconds}}."""
-    settings = dict(settings)
-    preset = settings.pop("preset")
-    make_config(preset, **settings)  # a bad setting is refused once, here, not by every run
-    settings["preset"] = preset
-    os.makedirs(os.path.join(out, "logs"), exist_ok=True)
-    if settings.get("data") != "synthetic":  # prepare the corpus once, before runs race to build it
-        from engine.data import build_data
+    from engine.data import build_data
 
-        build_data(make_config(preset, **{k: v for k, v in settings.items() if k != "preset"}))
+    fields = {k: v for k, v in settings.items() if k != "preset"}
+    cfg = make_config(settings["preset"], **fields)  # a bad setting is refused once, here, not by every run
+    os.makedirs(os.path.join(out, "logs"), exist_ok=True)
+    build_data(with_micro_batch_size(cfg, 1))  # prepare the corpus once, before the runs race to build it
     tasks = [(arm, seed) for seed in seeds for arm in arms]  # seed-major: a finished seed is a complete pair
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         futures = {(arm.name, seed): pool.submit(_train_one, settings, out, arm, seed) for arm, seed in tasks}
