@@ -13,33 +13,18 @@ from transformers import AutoModelForCausalLM  # noqa: E402
 
 from engine.config import make_config, parse_cli  # noqa: E402
 from engine.data import build_data  # noqa: E402
-from engine.data.tokenizer import train_bpe  # noqa: E402
 from engine.export import export_run  # noqa: E402
 from engine.trainer import run  # noqa: E402
 
-VOCAB = 300
+VOCAB = 64
 SEQ = 16
 SMALL = dict(d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, ffn_hidden=64, seq_len=SEQ, batch_size=4,
-             micro_batch_size=2, warmup_steps=1, log_every=2, lr=1e-2, val_fraction=0.25, backend="torch",
+             micro_batch_size=2, warmup_steps=1, log_every=2, lr=1e-2, val_fraction=0.001, backend="torch",
              device="cpu", eval_every=3, steps=6)
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    """Sixteen documents of Python source and a 300-token byte-level BPE trained on them."""
-    root = tmp_path_factory.mktemp("corpus")
-    src = open(json.__file__).read() + open(json.__file__.replace("__init__.py", "decoder.py")).read()
-    docs = [src[i:i + 1500] for i in range(0, len(src), 1500)]
-    (root / "data").mkdir()
-    for i, doc in enumerate(docs):
-        (root / "data" / f"doc{i}.txt").write_text(doc)
-    train_bpe(docs, VOCAB).save(str(root / "tokenizer.json"))
-    return root
-
-
-def _config(corpus, tmp_path, name, **overrides):
-    return make_config("tiny", **{**SMALL, **overrides}, data=str(corpus / "data"),
-                       tokenizer=str(corpus / "tokenizer.json"), data_cache_dir=str(tmp_path / "cache"),
+def _config(tmp_path, name, **overrides):
+    return make_config("tiny", **{**SMALL, **overrides}, data="synthetic", vocab_size=VOCAB,
                        out=str(tmp_path / name))
 
 
@@ -61,8 +46,8 @@ def _transformers_val_ce(hf_dir, tokens: torch.Tensor) -> float:
     return total / count
 
 
-def test_val_ce_full_matches_transformers_on_the_export(corpus, tmp_path):
-    cfg = _config(corpus, tmp_path, "run", eval_batches=1)
+def test_val_ce_full_matches_transformers_on_the_export(tmp_path):
+    cfg = _config(tmp_path, "run", eval_batches=1)
     run(cfg)
     records = _records(tmp_path / "run")
     evals = [r for r in records if "val_ce" in r]
@@ -79,11 +64,11 @@ def test_val_ce_full_matches_transformers_on_the_export(corpus, tmp_path):
     assert abs(final["val_ce"] - final["val_ce_full"]) > 1e-3
 
 
-def test_eval_batches_all_and_turning_the_full_evaluation_off(corpus, tmp_path):
-    run(_config(corpus, tmp_path, "all", eval_batches="all", steps=3))
+def test_eval_batches_all_and_turning_the_full_evaluation_off(tmp_path):
+    run(_config(tmp_path, "all", eval_batches="all", steps=3))
     final = _records(tmp_path / "all")[-1]
     assert final["val_ce_full"] == final["val_ce"]  # one pass: the evaluation already covered the split
-    run(_config(corpus, tmp_path, "off", eval_full_at_end=False, steps=3))
+    run(_config(tmp_path, "off", eval_full_at_end=False, steps=3))
     final = _records(tmp_path / "off")[-1]
     assert "val_ce" in final and "val_ce_full" not in final
 
