@@ -46,8 +46,9 @@ QUICK = dict(preset="tiny", data="synthetic", vocab_size=64, d_model=32, n_layer
              warmup_steps=5, log_every=2, eval_every=10, geometry_every=5, geometry_tokens=128,
              backend="torch", device="cpu")
 # --long: 16x the tokens of FULL, the last evaluation over the whole validation split (val_ce_full)
+# (a checkpoint every 1000 steps: an interrupted sweep, run again, loses at most that much of a run)
 LONG = dict(preset="tiny", data="stdlib", steps=4000, log_every=20, eval_every=500, eval_batches=4,
-            geometry_every=100, geometry_tokens=1024)
+            geometry_every=100, geometry_tokens=1024, ckpt_every=1000, keep_last=1)
 LONG_LAMBDAS = (0.1, 0.3, 1.0)
 LONG_SEEDS = (0, 1, 2)
 LONG_JOBS = 2

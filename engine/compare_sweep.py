@@ -100,6 +100,9 @@ def _train_one(settings: dict[str, Any], out: str, arm: Arm, seed: int) -> dict[
             with open(log_path) as log:
                 tail = "".join(log.readlines()[-5:]).strip()
             raise RuntimeError(f"{arm.name}, seed {seed} failed (exit code {code}); log {log_path}:\n{tail}")
+        if not _finished(run_dir, settings["steps"]):  # a stop signal: the run saved a checkpoint and left
+            raise RuntimeError(f"{arm.name}, seed {seed} stopped before step {settings['steps']} (log {log_path}); "
+                               "run the same command again to continue it")
     config, records = read_run(run_dir)
     seconds = time.perf_counter() - start
     if not reused:

@@ -1,6 +1,7 @@
 """make compare LONG=1, end to end on the toy model: two arms x two seeds, each run its own process;
-the summary's means, standard deviations and paired differences recomputed from the runs' own
-metrics.jsonl; a finished sweep is read again, not retrained; bad sweep flags refused."""
+stopped runs continue when the command is run again, finished ones are read, not retrained; the
+summary's means, standard deviations and paired differences recomputed from the runs' own
+metrics.jsonl; bad sweep flags refused."""
 
 import json
 import statistics
@@ -19,15 +20,19 @@ def _run(out, folder, seed):
     return config, [json.loads(line) for line in lines if line.strip()]
 
 
-def test_long_sweep_end_to_end_and_rerun_reads_the_finished_runs(tmp_path, monkeypatch):
+def test_long_sweep_end_to_end_continues_after_a_stop_and_rereads_finished_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # a stray docs/ copy would land here
     out = tmp_path / "sweep"
-    summary = main([*ARGV, "--out", str(out)])
+    monkeypatch.setenv("NITP_DEBUG_SIGNAL_AT_STEP", "2:TERM")  # seed 0's runs are stopped after step 2 ...
+    with pytest.raises(RuntimeError, match=r"2 of 2 runs failed:\n.*stopped before step 4"):
+        main([*ARGV, "--seeds", "0", "--out", str(out)])
+    monkeypatch.delenv("NITP_DEBUG_SIGNAL_AT_STEP")
+    summary = main([*ARGV, "--out", str(out)])  # ... continued by the sweep that adds seed 1
 
     runs = {(folder, seed): _run(out, folder, seed) for folder in ("ntp", "nitp-0.3") for seed in (0, 1)}
     for (folder, seed), (config, records) in runs.items():
         assert config["seed"] == seed and config["objective"] == folder.split("-")[0]
-        assert records[-1]["step"] == 4 and records[-1]["val_ce_full"] > 0
+        assert [r["step"] for r in records] == [1, 2, 4] and records[-1]["val_ce_full"] > 0  # log_every 2
     assert runs["nitp-0.3", 0][0]["nitp_weight"] == 0.3
     # paired: the same seed starts from the same weights on the same data, another seed does not
     first_ce = {key: records[0]["ce_loss"] for key, (_, records) in runs.items()}
