@@ -44,9 +44,12 @@ micro-bench: setup
 	$(PY) -m pytest benchmarks --benchmark-only $(BENCH_ARGS)
 
 # NTP vs NITP vs cosine regularisation on the tiny preset: plots and a summary under
-# runs/compare/<UTC time>/ (a fresh folder each time: the comparison times every run from scratch)
+# runs/compare/<UTC time>/ (a fresh folder each time: the comparison times every run from scratch).
+# LONG=1: the multi-seed sweep (NTP, NITP at λ 0.1/0.3/1.0, cosreg; 4,000 steps; seeds 0,1,2; two runs at a
+# time, one thread each; an estimate: 3 to 8 hours on 2 CPU cores). COMPARE_ARGS passes flags, e.g.
+# COMPARE_ARGS="--seeds 0,1 --lambdas 0.3 --steps 2000 --out runs/compare/sweep" (the same --out continues it).
 compare: setup
-	$(PY) -m engine.compare $(if $(QUICK),--quick,)
+	$(PY) -m engine.compare $(if $(QUICK),--quick,) $(if $(LONG),--long,) $(COMPARE_ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

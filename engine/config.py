@@ -37,6 +37,17 @@ def parse_micro_batch(text: str) -> int | str:
         raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {text!r}") from None
 
 
+def parse_eval_batches(text: str) -> int | str:
+    """--eval-batches: a positive integer or "all" (the whole validation split)."""
+    if text.strip().lower() == "all":
+        return "all"
+    try:
+        return int(text)
+    except ValueError:
+        import argparse
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'all', got {text!r}") from None
+
+
 @dataclass
 class TrainConfig:
     """A complete, resolved description of one training run (see module docstring)."""
@@ -96,7 +107,11 @@ class TrainConfig:
     tokenizer: str | None = None
     doc_mask: bool = False
     eval_every: int = 0
-    eval_batches: int = 4          # validation micro-batches per evaluation, over all ranks
+    # validation micro-batches per evaluation, over all ranks, or "all": the whole validation split
+    eval_batches: int | str = field(default=4, metadata={"parse": parse_eval_batches})
+    # the run's last evaluation (at --steps) also logs val_ce_full, CE over the whole validation split:
+    # a few batches rank runs by chance, the full split can rank them (costs one pass over the split)
+    eval_full_at_end: bool = True
     geometry_every: int = 0        # effective rank / avg cosine / grad-norm ratio every N steps (0: off)
     geometry_tokens: int = 1024    # size of the fixed token sample they are measured on
     val_fraction: float = 0.01
@@ -246,8 +261,11 @@ def _check_data_settings(cfg: TrainConfig) -> None:
         _check(cfg.val_fraction > 0,
                f"--eval-every {cfg.eval_every} needs a validation split, but --val-fraction is "
                f"{cfg.val_fraction}: set --val-fraction > 0 (e.g. 0.01) or --eval-every 0")
-        _check(cfg.eval_batches >= 1,
-               f"--eval-batches must be >= 1 with --eval-every {cfg.eval_every}, got {cfg.eval_batches}")
+        _check(cfg.eval_batches == "all" or (type(cfg.eval_batches) is int and cfg.eval_batches >= 1),
+               f"--eval-batches must be a positive integer or 'all' with --eval-every {cfg.eval_every}, "
+               f"got {cfg.eval_batches!r}")
+    _check(cfg.eval_batches == "all" or (type(cfg.eval_batches) is int and cfg.eval_batches >= 0),
+           f"--eval-batches must be a positive integer or 'all', got {cfg.eval_batches!r}")
     if cfg.data == "synthetic":
         _check(cfg.vocab_size >= MIN_SYNTHETIC_VOCAB,
                f"--vocab-size {cfg.vocab_size} is too small for --data synthetic: it needs >= "
@@ -268,7 +286,7 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
                  "batch_size", "max_micro_batch_size", "seq_len", "log_every", "nitp_projector_mult"):
         _check(getattr(cfg, name) > 0, f"{name} must be positive, got {getattr(cfg, name)}")
     _check(cfg.geometry_tokens >= 2, f"geometry_tokens must be >= 2, got {cfg.geometry_tokens}")
-    for name in ("steps", "warmup_steps", "eval_every", "eval_batches", "geometry_every", "nitp_start_step",
+    for name in ("steps", "warmup_steps", "eval_every", "geometry_every", "nitp_start_step",
                  "weight_decay", "moe_aux_weight", "z_loss_weight", "grad_clip", "n_dense_layers"):
         _check(getattr(cfg, name) >= 0, f"{name} must be >= 0, got {getattr(cfg, name)}")
     _check(cfg.d_model % cfg.n_heads == 0,

@@ -238,14 +238,16 @@ def train_step(state: TrainState, batches: list[dict[str, torch.Tensor]]) -> dic
 
 
 @torch.no_grad()
-def evaluate(state: TrainState) -> float | None:
-    """Cross-entropy over cfg.eval_batches validation batches (no gradient buffers are built)."""
+def evaluate(state: TrainState, batches: int | str | None = None) -> float | None:
+    """Cross-entropy over `batches` validation micro-batches (default cfg.eval_batches; "all": the
+    whole split, every token once), over all ranks; no gradient buffers are built."""
     val = state.data.val
     if val is None:
         return None
+    batches = state.cfg.eval_batches if batches is None else batches
     sums = torch.zeros(2, dtype=torch.float64, device=state.dist.device)
     # eval_batches counts micro-batches over all ranks, so any world size sees the same windows.
-    per_rank = -(-state.cfg.eval_batches // state.dist.world_size)
+    per_rank = None if batches == "all" else -(-batches // state.dist.world_size)
     for batch in val.batches(per_rank):
         b = _to_device(batch, state.dist.device)
         out, _ = state.model(b["input_ids"], b["labels"], b.get("doc_ids"), mode="ntp")
@@ -312,6 +314,9 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                           "tokens_seen": step * tokens_per_step}
                 if do_eval:
                     record["val_ce"] = evaluate(state)
+                    if step == cfg.steps and cfg.eval_full_at_end:
+                        record["val_ce_full"] = (record["val_ce"] if cfg.eval_batches == "all"
+                                                 else evaluate(state, "all"))
                 if do_geometry:  # like evaluation, outside the timed interval
                     record.update(probe.measure(state.model))
                 logger.log(record)

@@ -58,7 +58,8 @@ def test_every_float_flag_must_be_finite():
     (["--data", "synthetic", "--vocab-size", "4"], "--vocab-size 4 is too small for --data synthetic: it needs >= 8"),
     (["--eval-every", "2", "--val-fraction", "0"], "--eval-every 2 needs a validation split, but --val-fraction is "
                                                    "0.0: set --val-fraction > 0 (e.g. 0.01) or --eval-every 0"),
-    (["--eval-every", "2", "--eval-batches", "0"], "--eval-batches must be >= 1 with --eval-every 2, got 0"),
+    (["--eval-every", "2", "--eval-batches", "0"], "--eval-batches must be a positive integer or 'all' with "
+                                                    "--eval-every 2, got 0"),
     (["--text-field", ""], "--text-field must be a non-empty string, got ''"),
 ])
 def test_config_errors_are_one_line_naming_flag_value_and_range(argv, message, tmp_path):

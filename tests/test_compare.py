@@ -29,6 +29,7 @@ def test_quick_compare_writes_plot_and_summary(tmp_path, monkeypatch):
             assert math.isfinite(run[key]), (objective, key)
         assert 1.0 <= run["eff_rank_last"] <= 32 and -1.0 <= run["avg_cos_last"] <= 1.0
         assert run["val_ce"] < math.log(64)  # all three learn from the uniform start
+        assert math.isfinite(run["val_ce_full"]) and f"{run['val_ce_full']:.3f}" in md  # the whole split
     assert summary["runs"]["nitp"]["nitp_loss"] > 0 and summary["runs"]["ntp"]["nitp_loss"] is None
     assert summary["runs"]["nitp"]["grad_norm_ratio"] > 0
     assert json.loads((out / "summary.json").read_text())["config"]["data_corpus_hash"] == corpus_hash

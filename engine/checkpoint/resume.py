@@ -13,8 +13,8 @@ May change (they take effect from the resumed step on, exactly as in a run start
 - optimizer hyper-parameters: ``weight_decay``, ``beta1``, ``beta2``, ``grad_clip`` (the
   checkpoint contributes the Adam moments and step counts only; every parameter-group setting
   comes from this run's config and device);
-- logging and evaluation: ``log_every``, ``eval_every``, ``eval_batches``, ``geometry_every``,
-  ``geometry_tokens``, ``peak_tflops``, ``out``;
+- logging and evaluation: ``log_every``, ``eval_every``, ``eval_batches``, ``eval_full_at_end``,
+  ``geometry_every``, ``geometry_tokens``, ``peak_tflops``, ``out``;
 - checkpoints and faults: ``ckpt_every``, ``keep_last``, ``max_bad_steps``, ``async_ckpt``,
   ``resume``, ``overwrite``;
 - how the same computation is laid out: the world size (any number of processes),
@@ -45,7 +45,7 @@ from engine.checkpoint.safe_io import CheckpointError
 MAY_CHANGE_ON_RESUME = frozenset({
     "steps", "lr", "min_lr_ratio", "warmup_steps", "decay_ratio", "nitp_start_step",
     "weight_decay", "beta1", "beta2", "grad_clip",
-    "log_every", "eval_every", "eval_batches", "geometry_every", "geometry_tokens", "peak_tflops", "out",
+    "log_every", "eval_every", "eval_batches", "eval_full_at_end", "geometry_every", "geometry_tokens", "peak_tflops", "out",
     "ckpt_every", "keep_last", "max_bad_steps", "async_ckpt", "resume", "overwrite",
     "micro_batch_size", "max_micro_batch_size", "device", "backend", "param_dtype", "activation_checkpointing", "compile",
     "loss_chunk_size", "data_cache_dir",
