@@ -47,8 +47,8 @@ def default_chunk_size(n_rows: int, d_model: int, vocab: int, dtype: torch.dtype
     rows <= 4·d_model / itemsize(dtype); at least MIN_CHUNK_ROWS = 256 rows; at most n_rows.
 
     Transient memory of a chunk (Triton backend): that logits buffer, which the CE kernel overwrites with d logits,
-    so at most 4·vocab·d_model bytes (for d_model >= 64 in fp32, 128 in bf16, where the 256-row floor does not
-    bind), plus O(rows) per-row values; d hidden goes straight into its buffer and the weight gradients are summed
+    so at most 4·vocab·d_model bytes (for d_model >= 256 in fp32, >= 128 in bf16, where the 256-row floor does
+    not bind), plus O(rows) per-row values; d hidden goes straight into its buffer and the weight gradients are summed
     in place (matmuls.py). The torch backend's chunk op adds up to two fp32 copies of the chunk on CUDA. At the
     paper's shape (N=16384, d=1280, V=152064, bf16): 2048 rows, a 623 MB logits chunk under the 779 MB buffer.
 
