@@ -204,15 +204,16 @@ def _allocate(wants: dict[str, bool], n_rows: int, d: int, vocab: int, width: in
     grads = Gradients()
     if wants["hidden"]:  # every row is written by the cross-entropy pass
         grads.hidden = torch.empty((n_rows, d), dtype=acc, device=device)
+    # the weight-gradient buffers are written by the first chunk of their pass (accumulate(first=True)): no fill
     if wants["lm_weight"]:
-        grads.lm_weight = torch.zeros((vocab, d), dtype=acc, device=device)
+        grads.lm_weight = torch.empty((vocab, d), dtype=acc, device=device)
     if wants["lm_bias"]:
         grads.lm_bias = torch.zeros((vocab,), dtype=acc, device=device)
     if wants["shallow"]:
         grads.shallow = torch.zeros((n_rows, d), dtype=acc, device=device)
     if wants["projector"]:
-        grads.gate_up = torch.zeros((2 * width, d), dtype=acc, device=device)
-        grads.w_down = torch.zeros((d, width), dtype=acc, device=device)
+        grads.gate_up = torch.empty((2 * width, d), dtype=acc, device=device)
+        grads.w_down = torch.empty((d, width), dtype=acc, device=device)
     return grads
 
 
@@ -249,7 +250,7 @@ def _cross_entropy_pass(call: _Call, ce_rows: Tensor, z_rows: Tensor) -> None:
             if call.ce_scale is not None:
                 d_h.mul_(call.ce_scale)
         if grads.lm_weight is not None:
-            plan.accumulate(grads.lm_weight, d_logits.T, h)
+            plan.accumulate(grads.lm_weight, d_logits.T, h, first=start == 0)
         if grads.lm_bias is not None:
             grads.lm_bias.add_(d_logits.sum(0, dtype=grads.lm_bias.dtype))
 
@@ -293,11 +294,11 @@ def _nitp_pass(call: _Call, valid: Tensor, loss_rows: Tensor, grad_sq: Optional[
         if w_gate_up is not None:
             d_pred = d_pred.to(plan.operand_dtype)  # once, for both matmuls
             if grads.w_down is not None:
-                plan.accumulate(grads.w_down, d_pred.T, g)
+                plan.accumulate(grads.w_down, d_pred.T, g, first=start == 0)
             if need_dh or grads.gate_up is not None:
                 d_gate_up = ops.swiglu_backward(plan.product(d_pred, w_down), gate_up).to(plan.operand_dtype)
                 if grads.gate_up is not None:
-                    plan.accumulate(grads.gate_up, d_gate_up.T, h)
+                    plan.accumulate(grads.gate_up, d_gate_up.T, h, first=start == 0)
                 if need_dh:
                     d_from_nitp = plan.product(d_gate_up, w_gate_up)
         if need_dh:

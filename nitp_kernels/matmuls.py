@@ -80,9 +80,12 @@ class MatmulPlan:
         result = torch.mm(a, b)
         return result.to(self.result_dtype) if out is None else out.copy_(result)
 
-    def accumulate(self, out: Tensor, a: Tensor, b: Tensor) -> None:
-        """out += a @ b, summed in out's dtype (result_dtype). a, b: operand_dtype."""
-        if not self.low_precision_operands:
+    def accumulate(self, out: Tensor, a: Tensor, b: Tensor, *, first: bool = False) -> None:
+        """out += a @ b, summed in out's dtype (result_dtype); with first=True out = a @ b (out may hold anything:
+        the first chunk writes the buffer, which then needs no zero-filling pass). a, b: operand_dtype."""
+        if first:
+            self.product(a, b, out=out)
+        elif not self.low_precision_operands:
             out.addmm_(a, b)
         elif self.accumulates_in_place:
             torch.addmm(out, a, b, out_dtype=self.result_dtype, out=out)

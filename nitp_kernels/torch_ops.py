@@ -72,17 +72,25 @@ class TorchChunkOps:
         """g = silu(a) * b for gate_up = [a | b] of shape (n, 2H); computed in fp32, returned in gate_up's dtype."""
         acc = accumulation_dtype(gate_up.dtype)
         gate, up = gate_up.to(acc).chunk(2, dim=-1)
-        return (F.silu(gate) * up).to(gate_up.dtype)
+        return F.silu(gate).mul_(up).to(gate_up.dtype)
 
     def swiglu_backward(self, d_g: Tensor, gate_up: Tensor) -> Tensor:
-        """[d_a | d_b] with d_a = d_g·b·silu'(a), d_b = d_g·silu(a), in the accumulation dtype (see cross_entropy)."""
+        """[d_a | d_b] with d_a = d_g·b·silu'(a), d_b = d_g·silu(a), in the accumulation dtype.
+
+        Written over gate_up when it is in the accumulation dtype (the loop's fp32 product, not needed afterwards),
+        with two (n, H) temporaries: silu'(a) = sigmoid(a) + silu(a)·(1 - sigmoid(a)).
+        """
         acc = accumulation_dtype(gate_up.dtype)
-        gate, up = gate_up.to(acc).chunk(2, dim=-1)
+        out = gate_up.to(acc)
+        gate, up = out.chunk(2, dim=-1)
         d_g = d_g.to(acc)
         sig = torch.sigmoid(gate)
-        silu = gate * sig
-        d_gate = d_g * up * sig * (1.0 + gate * (1.0 - sig))
-        return torch.cat((d_gate, d_g * silu), dim=-1)
+        d_g_up = d_g * up
+        silu = torch.mul(gate, sig, out=up)  # the up half now holds silu(a)
+        d_silu = sig.addcmul_(silu, sig, value=-1.0).add_(silu)
+        silu.mul_(d_g)  # d_b, in place
+        torch.mul(d_g_up, d_silu, out=gate)  # d_a
+        return out
 
     def nitp_loss(
         self, pred: Tensor, target: Tensor, valid: Tensor, *, loss_type: str, need_grad: bool,
