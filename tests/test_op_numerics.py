@@ -208,3 +208,18 @@ def test_default_chunk_size_budget():
     nitp_rows = chunked.nitp_chunk_size(n, 1280, 5120, vocab)
     assert nitp_rows >= default_chunk_size(n, 1280, vocab, torch.bfloat16)
     assert nitp_rows * (8 * 5120 + 4 * 1280) * 4 <= vocab * 1280 * 4
+
+
+def test_cuda_plan_calls_bind_on_meta_tensors():
+    """The CUDA-only overloads (mm/addmm with out_dtype, out=) have meta kernels: the calls the CUDA plan makes
+    bind, keep fp32 results and write into the given buffers, checked here without a GPU."""
+    plan = MatmulPlan(torch.bfloat16, torch.float32, fp32_result_kernel=True, accumulates_in_place=True)
+    a = torch.empty(64, 32, dtype=torch.bfloat16, device="meta")
+    b = torch.empty(32, 16, dtype=torch.bfloat16, device="meta")
+    out = torch.empty(64, 16, dtype=torch.float32, device="meta")
+    assert plan.product(a, b).dtype == torch.float32 and plan.product(a, b, out=out) is out
+    plan.accumulate(out, a, b, first=True)
+    plan.accumulate(out, a, b)
+    without_in_place = MatmulPlan(torch.bfloat16, torch.float32, fp32_result_kernel=True, accumulates_in_place=False)
+    without_in_place.accumulate(out, a, b)
+    assert out.dtype == torch.float32 and out.shape == (64, 16)
