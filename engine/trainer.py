@@ -48,6 +48,7 @@ from engine.model import HFImportError, NITPTransformer, config_from_hf
 from engine.optim import build_optimizer, build_scheduler
 from engine.parallel import DistInfo, build_model, close_distributed, init_distributed
 from engine.run_dir import RunDirLock, claim_run_dir_on_rank0
+from nitp_kernels.contract import valid_positions
 
 
 @dataclass
@@ -147,11 +148,10 @@ def count_positions(batches: list[dict[str, torch.Tensor]], cfg: TrainConfig,
     """Global (N_ce, N_nitp, N_seq) over all micro-batches of all ranks, as an int64 tensor."""
     counts = torch.zeros(3, dtype=torch.int64)
     for b in batches:
-        valid = b["labels"] != IGNORE_INDEX
-        T = valid.shape[1]
-        counts[0] += valid.sum()
-        counts[1] += valid[:, : max(T - cfg.nitp_shift, 0)].sum()
-        counts[2] += valid.shape[0]
+        ce_valid, nitp_valid = valid_positions(b["labels"], IGNORE_INDEX, cfg.nitp_shift)
+        counts[0] += ce_valid.sum()
+        counts[1] += nitp_valid.sum()
+        counts[2] += ce_valid.shape[0]
     counts = counts.to(device)
     dist.all_reduce(counts)
     return counts.cpu()

@@ -5,9 +5,10 @@
     out.loss.backward()
 """
 from .api import NITPLossOutput, fused_linear_cross_entropy, fused_nitp_loss
+from .chunked import default_chunk_size
 from .geometry import average_cosine_similarity, effective_rank
 from .modules import NITPLoss, NITPProjector
 
 __all__ = ["fused_nitp_loss", "fused_linear_cross_entropy", "NITPProjector", "NITPLoss", "NITPLossOutput",
-           "effective_rank", "average_cosine_similarity"]
+           "default_chunk_size", "effective_rank", "average_cosine_similarity"]
 __version__ = "0.1.0"

@@ -7,8 +7,9 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from .chunked import FusedNITPFunction, run_chunks
-from .options import BACKENDS, LossOptions, Problem, ProjectorArg, build_problem, validate_options
+from .chunked import ChunkOps, FusedNITPFunction, run_chunks
+from .contract import BACKENDS
+from .options import LossOptions, Problem, ProjectorArg, build_problem, validate_options
 from .reference import reference_losses
 from .torch_ops import TorchChunkOps
 
@@ -28,7 +29,7 @@ class NITPLossOutput(NamedTuple):
     nitp_grad_norm: Optional[Tensor] = None
 
 
-def _triton_ops():
+def _triton_ops() -> ChunkOps:
     try:
         from .triton_ops import TritonChunkOps
     except ImportError as err:
@@ -62,7 +63,7 @@ def resolve_backend(backend: str, hidden: Tensor) -> str:
 def _run(problem: Problem, backend: str) -> tuple[Tensor, ...]:
     if backend == "reference":
         return reference_losses(problem)
-    ops = TorchChunkOps() if backend == "torch" else _triton_ops()
+    ops: ChunkOps = TorchChunkOps() if backend == "torch" else _triton_ops()
     hidden, lm_weight, lm_bias = problem.hidden, problem.lm_weight, problem.lm_bias
     projector_tensors = problem.projector or (None, None, None)
     w_gate, w_up, w_down = projector_tensors

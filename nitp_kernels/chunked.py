@@ -1,69 +1,101 @@
 """The chunk loop shared by the "torch" and "triton" backends (Liger FLCE's scheme, extended to NITP).
 
-Forward walks the N token rows in chunks. Per chunk it forms the logits, the CE/z-loss and d logits; the
-projector forward P(h) = W_down(silu(W_gate h) * W_up h), the NITP loss against shallow[t + shift] (read in place
-by index arithmetic) and d P(h); the SwiGLU backward; and accumulates d hidden, d lm_weight, d lm_bias and the
-projector's weight gradients. Only those gradient buffers are saved for backward, which scales them by the
-incoming gradient. No (N, V) or (N, H) tensor outlives a chunk.
+Forward computes every gradient, in two passes over the N token rows:
+- the cross-entropy pass, in chunks of default_chunk_size rows: the logits chunk (into one buffer reused by every
+  chunk), the per-row CE and z terms and the UNSCALED d logits (chunk op), then d hidden written straight into its
+  buffer and d lm_weight, d lm_bias accumulated in place;
+- the NITP pass, which never touches V and so takes larger chunks (nitp_chunk_size): the projector forward
+  P(h) = W_down(silu(W_gate h) * W_up h), the per-row NITP loss against shallow[t + shift] (read in place by index
+  arithmetic) and its unscaled gradient, the SwiGLU backward, the projector's weight gradients accumulated in place,
+  and its part of d hidden added into the same buffer.
+Only the gradient buffers are saved for backward, which scales them by the incoming gradient. No (N, V) or (N, H)
+tensor outlives a chunk.
 
-The chunk ops (cross_entropy, swiglu_forward, swiglu_backward, nitp_loss) are pluggable: TorchChunkOps or
-TritonChunkOps. Matmul operands are in hidden.dtype (on CUDA) and every matmul result, loss and gradient sum is in
-promote_types(hidden.dtype, fp32). The chunk ops therefore receive fp32 logits / gate_up / predictions for
-bf16/fp16 inputs (fp64 for fp64) and may return gradients in either that dtype or hidden.dtype.
+Numerics (contract.py): matmul results, per-row values and gradient sums are in the accumulation dtype. Per-row
+losses are written into per-call (N,) buffers and summed once at the end. The chunk ops return gradients
+unscaled; the normalisations (1/N_ce, nitp_weight/N_nitp) are applied in the accumulation dtype: to each chunk of
+d hidden and d shallow as it is formed, and to the weight-gradient buffers once after the loop. Nothing stored in
+bf16/fp16 is ever multiplied by 1/N, where it would flush to zero (fp16: p ~ 1/V times 1/N is below 6e-8).
+Where the matmuls run and in which dtype: matmuls.py. Each input is cast to the matmul dtype at most once per call.
 """
 from __future__ import annotations
 
-import math
+import contextlib
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Optional, Protocol
 
 import torch
 from torch import Tensor
 
+from .contract import accumulation_dtype, valid_positions
+from .matmuls import MatmulPlan, matmul_dtype, matmul_plan
 from .options import Problem
-from .reference import accumulation_dtype
-
 
 MIN_CHUNK_ROWS = 256
 
 
-def default_chunk_size(n_rows: int, d_model: int, vocab: int) -> int:
-    """Liger FLCE's rule (a chunk's logits hold about as many elements as hidden, N·d), but at least
-    MIN_CHUNK_ROWS rows.
+def _floor_pow2(value: int) -> int:
+    return 1 << (max(1, value).bit_length() - 1)
 
-    Every chunk adds its product into the whole (V x d) weight-gradient buffer, so tiny chunks turn the loop
-    into a memory-bound sweep over that buffer: at N=512, d=512, V=152064 Liger's rule picks 2-row chunks and
-    fwd+bwd took 37 s on 2 CPU cores, against 2.6 s with 256-row chunks. At the paper's GPU shape (N=16384,
-    d=1280, V=152064) both rules give 256 rows.
+
+def default_chunk_size(n_rows: int, d_model: int, vocab: int, dtype: torch.dtype) -> int:
+    """Rows per chunk of the cross-entropy pass, from a memory budget.
+
+    dtype is the dtype of the logits chunk: the matmul dtype on CUDA (bf16 in mixed-precision training), the
+    accumulation dtype (fp32) on CPU. The rule: the largest power of two whose logits chunk, rows x vocab in
+    `dtype`, is no larger than the fp32 (vocab x d_model) weight-gradient buffer the op holds anyway, i.e.
+    rows <= 4·d_model / itemsize(dtype); at least MIN_CHUNK_ROWS = 256 rows; at most n_rows.
+
+    Transient memory of a chunk (Triton backend): that logits buffer, which the CE kernel overwrites with d logits,
+    so at most 4·vocab·d_model bytes (for d_model >= 256 in fp32, >= 128 in bf16, where the 256-row floor does
+    not bind), plus O(rows) per-row values; d hidden goes straight into its buffer and the weight gradients are summed
+    in place (matmuls.py). The torch backend's chunk op adds up to two fp32 copies of the chunk on CUDA. At the
+    paper's shape (N=16384, d=1280, V=152064, bf16): 2048 rows, a 623 MB logits chunk under the 779 MB buffer.
+
+    The 256-row floor: every chunk adds its product into the whole (vocab x d) buffer, so tiny chunks turn the loop
+    into a memory-bound sweep over it (CPU, 2 cores: at N=512, d=512, V=152064 2-row chunks took 37 s, 256-row
+    chunks 2.6 s).
     """
-    inc_factor = math.ceil(vocab / d_model)
-    liger_rows = 1 << max(0, math.ceil(math.log2(max(1, math.ceil(n_rows / inc_factor)))))
-    return max(liger_rows, MIN_CHUNK_ROWS)
+    del vocab  # the budget scales with vocab on both sides: rows * vocab * itemsize <= vocab * d * 4
+    rows = max(MIN_CHUNK_ROWS, _floor_pow2(4 * d_model // dtype.itemsize))
+    return max(1, min(rows, n_rows))
 
 
-def matmul_acc(a: Tensor, b: Tensor, mm_dtype: torch.dtype, acc: torch.dtype) -> Tensor:
-    """a @ b with the result in the accumulation dtype.
+def nitp_chunk_size(n_rows: int, d_model: int, width: int, vocab: int) -> int:
+    """Rows per chunk of the NITP pass: the same budget (4·vocab·d_model bytes) for its own transients.
 
-    Every matmul of the loop feeds fp32 math (softmax, SwiGLU, the NITP loss) or an fp32 gradient sum, so its
-    result stays in fp32: no rounding to bf16 between a matmul and what consumes it. On CUDA the operands run in
-    mm_dtype (hidden.dtype) with an fp32 result, mm(out_dtype=...), at bf16 GEMM speed. Elsewhere
-    (CPU, where bf16 speed is no goal) both are upcast, so low-precision results come out correctly rounded.
+    Per row the pass holds about 8·width + 4·d_model values of 4 bytes (gate_up and d gate_up (2·width each), g and
+    d g, their matmul-dtype copies, the chunk op's temporaries; pred, d pred, d target, the d hidden product), so
+    rows <= vocab·d_model / (8·width + 4·d_model), as a power of two, at least MIN_CHUNK_ROWS, at most n_rows.
+    (N=16384, d=1280, H=5120, V=152064: 4096 rows.)
     """
-    if a.is_cuda and mm_dtype != acc:
-        a, b = a.to(mm_dtype), b.to(mm_dtype)
-        try:
-            return torch.mm(a, b, out_dtype=acc)
-        except (TypeError, RuntimeError, NotImplementedError):  # torch without mm(out_dtype=...)
-            return (a @ b).to(acc)
-    return a.to(acc) @ b.to(acc)
+    rows = max(MIN_CHUNK_ROWS, _floor_pow2(vocab * d_model // (8 * width + 4 * d_model)))
+    return max(1, min(rows, n_rows))
 
 
-def add_matmul(out: Tensor, a: Tensor, b: Tensor, mm_dtype: torch.dtype) -> None:
-    """out += a @ b, the product summed in out's dtype (see matmul_acc)."""
-    if not a.is_cuda or mm_dtype == out.dtype:
-        out.addmm_(a.to(out.dtype), b.to(out.dtype))
-    else:
-        out.add_(matmul_acc(a, b, mm_dtype, out.dtype))
+class ChunkOps(Protocol):
+    """The four per-chunk computations a backend provides (TorchChunkOps, TritonChunkOps).
+
+    Per-row values are written into the caller's (n,) views in the accumulation dtype, 0 on rows without a term.
+    Gradients are unscaled (the loop applies 1/N and nitp_weight) and come back in the accumulation dtype or the
+    input's dtype; the loop casts them once to the matmul dtype.
+    """
+
+    def cross_entropy(self, logits: Tensor, labels: Tensor, *, ignore_index: int, label_smoothing: float,
+                      softcap: Optional[float], z_loss_weight: float, need_grad: bool, ce_out: Tensor,
+                      z_out: Tensor) -> Optional[Tensor]:
+        """Per-row CE and z into ce_out, z_out; with need_grad d(ce + z_loss_weight·z)/d logits (may overwrite
+        logits). A label outside [0, V) is treated as ignored: never used as an index."""
+
+    def swiglu_forward(self, gate_up: Tensor) -> Tensor:
+        """silu(a) * b for gate_up = [a | b]."""
+
+    def swiglu_backward(self, d_g: Tensor, gate_up: Tensor) -> Tensor:
+        """[d a | d b] (may overwrite gate_up)."""
+
+    def nitp_loss(self, pred: Tensor, target: Tensor, valid: Tensor, *, loss_type: str, need_grad: bool,
+                  need_target_grad: bool, loss_out: Tensor) -> tuple[Optional[Tensor], Optional[Tensor]]:
+        """Per-row NITP loss into loss_out; with need_grad d loss/d pred and, if asked, d loss/d target."""
 
 
 @dataclass
@@ -78,159 +110,201 @@ class Gradients:
     w_down: Optional[Tensor] = None
 
 
-def run_chunks(problem: Problem, ops: Any, wants: dict[str, bool]) -> tuple[list[Tensor], Gradients]:
+@dataclass
+class _Call:
+    """What both passes share: the problem, the ops, the matmul plan, operands cast once, scales, buffers."""
+
+    problem: Problem
+    ops: ChunkOps
+    plan: MatmulPlan
+    hidden: Tensor                  # hidden in the matmul dtype (the caller's tensor when no cast is needed)
+    grads: Gradients
+    ce_scale: Optional[Tensor]      # 1/N_ce for "mean", None for "sum"
+    nitp_scale: Tensor              # nitp_weight (/ N_nitp for "mean")
+
+
+def _autocast_off(device_type: str):
+    """The loop casts its operands itself (matmul_dtype); autocast must not recast anything inside it."""
+    if torch.amp.autocast_mode.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def run_chunks(problem: Problem, ops: ChunkOps, wants: dict[str, bool]) -> tuple[list[Tensor], Gradients]:
     """Outputs [loss, ce, nitp, z, n_ce, n_nitp, ce_grad_norm, nitp_grad_norm] (ce/nitp/z already reduced) and
     the gradients of loss = ce + nitp_weight·nitp + z_loss_weight·z for the inputs named True in `wants`.
 
     With options.return_grad_norms the two norms are ||d(ce + z_loss_weight·z)/d hidden|| and
     ||d nitp/d hidden|| (NITP unweighted by nitp_weight, so a target ratio gives λ directly); else empty tensors.
+    They cost no second pass: the CE norm is one reduction over the d hidden buffer between the two passes, the
+    NITP norm one reduction per NITP chunk over the product it adds.
     """
+    hidden = problem.hidden
+    plan = matmul_plan(hidden.device, matmul_dtype(hidden))  # before autocast is switched off
+    with _autocast_off(hidden.device.type):
+        return _run(problem, ops, wants, plan)
+
+
+def _run(problem: Problem, ops: ChunkOps, wants: dict[str, bool], plan: MatmulPlan
+         ) -> tuple[list[Tensor], Gradients]:
     opts = problem.options
     hidden, labels = problem.hidden, problem.labels
     n_rows, d = hidden.shape
-    mm_dtype, device = hidden.dtype, hidden.device
-    acc = accumulation_dtype(mm_dtype)
-    # Weights are cast once: to the matmul dtype on CUDA; elsewhere matmul_acc upcasts operands to acc anyway.
-    # On CUDA the logits chunk also stays in that dtype, as in Liger and Cut Cross-Entropy: the CE kernel reads
-    # it once and writes d logits over it, half the memory traffic of fp32 logits.
-    operand_dtype = mm_dtype if hidden.is_cuda else acc
-    lm_weight = problem.lm_weight.to(operand_dtype)
-    lm_bias = None if problem.lm_bias is None else problem.lm_bias.to(operand_dtype)
-    vocab = lm_weight.shape[0]
-    with_nitp, shift = problem.with_nitp, opts.shift
+    device, acc = hidden.device, plan.result_dtype
+    vocab = problem.lm_weight.shape[0]
 
-    ce_valid = labels != opts.ignore_index
+    ce_valid, nitp_valid = valid_positions(labels, opts.ignore_index, opts.shift, problem.seq_len)
     n_ce = ce_valid.sum()
-    if with_nitp:
-        position = torch.arange(n_rows, device=device) % problem.seq_len
-        nitp_valid = ce_valid & (position + shift < problem.seq_len)
-        n_nitp = nitp_valid.sum()
-    else:
-        n_nitp = torch.zeros((), dtype=torch.int64, device=device)
-    one = torch.ones((), dtype=acc, device=device)
-    ce_scale = one / n_ce.clamp_min(1).to(acc) if opts.reduction == "mean" else one
-    nitp_scale = one / n_nitp.clamp_min(1).to(acc) if opts.reduction == "mean" else one
+    n_nitp = nitp_valid.sum() if problem.with_nitp else torch.zeros((), dtype=torch.int64, device=device)
+    mean = opts.reduction == "mean"
+    ce_scale = 1.0 / n_ce.clamp_min(1).to(acc) if mean else None
+    nitp_scale = torch.full((), opts.nitp_weight, dtype=acc, device=device)
+    if mean:
+        nitp_scale = nitp_scale / n_nitp.clamp_min(1).to(acc)
 
-    any_grad = any(wants.values())
-    w_gate_up = w_down = None
-    if with_nitp and problem.projector is not None:
-        w_gate, w_up, w_down = (w.to(operand_dtype) for w in problem.projector)
-        w_gate_up = torch.cat((w_gate, w_up), dim=0)  # one (2H x d) GEMM for gate and up
-        width = w_gate.shape[0]
+    width = 0 if problem.projector is None else problem.projector[0].shape[0]
+    grads = _allocate(wants, n_rows, d, vocab, width, acc, device)
+    call = _Call(problem, ops, plan, hidden.to(plan.operand_dtype), grads, ce_scale, nitp_scale)
 
-    grads = Gradients()
-    if any_grad:
-        if wants["hidden"]:
-            grads.hidden = torch.empty_like(hidden, dtype=acc)
-        if wants["lm_weight"]:
-            grads.lm_weight = torch.zeros((vocab, d), dtype=acc, device=device)
-        if wants["lm_bias"]:
-            grads.lm_bias = torch.zeros((vocab,), dtype=acc, device=device)
-        if wants["shallow"]:
-            grads.shallow = torch.zeros((n_rows, d), dtype=acc, device=device)
-        if wants["projector"]:
-            grads.gate_up = torch.zeros((2 * width, d), dtype=acc, device=device)
-            grads.w_down = torch.zeros((d, width), dtype=acc, device=device)
-    need_dh = wants["hidden"]
-    grad_norms = opts.return_grad_norms and need_dh
-    # For the norms the NITP gradient is formed unweighted and weighted by λ afterwards
-    nitp_grad_scale = nitp_scale if grad_norms else opts.nitp_weight * nitp_scale
-    post_weight = opts.nitp_weight if grad_norms else None
-    ce_sq = torch.zeros((), dtype=acc, device=device)
-    nitp_sq = torch.zeros((), dtype=acc, device=device)
-    need_ce_grad = wants["hidden"] or wants["lm_weight"] or wants["lm_bias"]
-    need_nitp_grad = with_nitp and (wants["hidden"] or wants["projector"] or wants["shallow"])
+    ce_rows = torch.empty(n_rows, dtype=acc, device=device)
+    z_rows = torch.empty(n_rows, dtype=acc, device=device)
+    _cross_entropy_pass(call, ce_rows, z_rows)
+    return_norms = opts.return_grad_norms and grads.hidden is not None
+    ce_norm = torch.linalg.vector_norm(grads.hidden) if return_norms else None  # CE part only, so far
 
-    chunk = opts.chunk_size or default_chunk_size(n_rows, d, vocab)
-    ce_sum = torch.zeros((), dtype=acc, device=device)
-    z_sum = torch.zeros((), dtype=acc, device=device)
     nitp_sum = torch.zeros((), dtype=acc, device=device)
-    for start in range(0, n_rows, chunk):
-        end = min(start + chunk, n_rows)
-        h = hidden[start:end]
-        if operand_dtype == acc:
-            logits = matmul_acc(h, lm_weight.T, mm_dtype, acc)
-            if lm_bias is not None:
-                logits += lm_bias
-        else:
-            logits = h @ lm_weight.T if lm_bias is None else torch.addmm(lm_bias, h, lm_weight.T)
-        ce_c, z_c, d_logits = ops.cross_entropy(
-            logits, labels[start:end], ignore_index=opts.ignore_index, label_smoothing=opts.label_smoothing,
-            softcap=opts.softcap, z_loss_weight=opts.z_loss_weight, ce_scale=ce_scale, z_scale=ce_scale,
-            need_grad=need_ce_grad)
-        ce_sum += ce_c
-        z_sum += z_c
-        d_h = None
-        if d_logits is not None:
-            d_logits = d_logits.to(operand_dtype)  # once, for both matmuls below (no-op off CUDA)
-            if need_dh:
-                d_h = matmul_acc(d_logits, lm_weight, mm_dtype, acc)
-                if grad_norms:
-                    ce_sq += d_h.square().sum()
-            if grads.lm_weight is not None:
-                add_matmul(grads.lm_weight, d_logits.T, h, mm_dtype)
-            if grads.lm_bias is not None:
-                grads.lm_bias.add_(d_logits.sum(0, dtype=acc))
-        del logits, d_logits
+    nitp_sq = torch.zeros((), dtype=acc, device=device) if return_norms else None
+    if problem.with_nitp:
+        nitp_rows = torch.empty(n_rows - opts.shift, dtype=acc, device=device)
+        _nitp_pass(call, nitp_valid, nitp_rows, nitp_sq)
+        nitp_sum = nitp_rows.sum()
 
-        # NITP rows whose target t + shift exists in the flattened tensor; the per-row mask handles sequences
-        nitp_rows = min(end, n_rows - shift) - start if with_nitp else 0
-        if nitp_rows > 0:
-            h_n = h[:nitp_rows]
-            target = problem.shallow[start + shift:start + shift + nitp_rows]
-            gate_up = g = None
-            if w_gate_up is not None:
-                gate_up = matmul_acc(h_n, w_gate_up.T, mm_dtype, acc)
-                g = ops.swiglu_forward(gate_up)
-                pred = matmul_acc(g, w_down.T, mm_dtype, acc)
-            else:
-                pred = h_n
-            loss_c, d_pred, d_target = ops.nitp_loss(
-                pred, target, nitp_valid[start:start + nitp_rows], loss_type=opts.loss_type,
-                scale=nitp_grad_scale, need_grad=need_nitp_grad,
-                need_target_grad=grads.shallow is not None)
-            nitp_sum += loss_c
-            if d_pred is not None:
-                d_from_nitp = d_gate_up = None
-                if w_gate_up is not None:
-                    d_pred = d_pred.to(operand_dtype)  # once, for both matmuls (no-op off CUDA)
-                    d_g = matmul_acc(d_pred, w_down, mm_dtype, acc)
-                    d_gate_up = ops.swiglu_backward(d_g, gate_up).to(operand_dtype)
-                    if need_dh:
-                        d_from_nitp = matmul_acc(d_gate_up, w_gate_up, mm_dtype, acc)
-                else:
-                    d_from_nitp = d_pred
-                if post_weight is not None:  # unweighted so far: take the norm, then weight by λ
-                    nitp_sq += d_from_nitp.square().sum()
-                    d_pred, d_from_nitp = d_pred * post_weight, d_from_nitp * post_weight
-                    d_gate_up = None if d_gate_up is None else d_gate_up * post_weight
-                    d_target = None if d_target is None else d_target * post_weight
-                if grads.w_down is not None:
-                    add_matmul(grads.w_down, d_pred.T, g, mm_dtype)
-                if grads.gate_up is not None:
-                    add_matmul(grads.gate_up, d_gate_up.T, h_n, mm_dtype)
-                if d_from_nitp is not None:
-                    if d_h is None:
-                        d_h = torch.zeros((end - start, d), dtype=acc, device=device)
-                    d_h[:nitp_rows] += d_from_nitp
-            if d_target is not None:
-                grads.shallow[start + shift:start + shift + nitp_rows] = d_target
-        if grads.hidden is not None:
-            if d_h is None:
-                grads.hidden[start:end] = 0
-            else:
-                grads.hidden[start:end] = d_h
+    # the weight gradients were summed unscaled: one multiplication each, in the accumulation dtype
+    for buffer, factor in ((grads.lm_weight, ce_scale), (grads.lm_bias, ce_scale),
+                           (grads.gate_up, nitp_scale), (grads.w_down, nitp_scale)):
+        if buffer is not None and factor is not None:
+            buffer.mul_(factor)
 
-    if opts.reduction == "mean":
-        ce, z, nitp = ce_sum * ce_scale, z_sum * ce_scale, nitp_sum * nitp_scale
-    else:
-        ce, z, nitp = ce_sum, z_sum, nitp_sum
-    if grad_norms:
-        norms = [ce_sq.sqrt(), nitp_sq.sqrt()]
+    ce, z = ce_rows.sum(), z_rows.sum()
+    nitp = nitp_sum
+    if mean:
+        ce, z = ce * ce_scale, z * ce_scale
+        nitp = nitp_sum / n_nitp.clamp_min(1).to(acc)
+    if return_norms:
+        nitp_norm = nitp_sq.sqrt() / n_nitp.clamp_min(1).to(acc) if mean else nitp_sq.sqrt()
+        norms = [ce_norm, nitp_norm]
     else:
         norms = [hidden.new_empty(0, dtype=acc), hidden.new_empty(0, dtype=acc)]
     loss = ce + opts.nitp_weight * nitp + opts.z_loss_weight * z
     return [loss, ce, nitp, z, n_ce, n_nitp, *norms], grads
+
+
+def _allocate(wants: dict[str, bool], n_rows: int, d: int, vocab: int, width: int, acc: torch.dtype,
+              device: torch.device) -> Gradients:
+    grads = Gradients()
+    if wants["hidden"]:  # every row is written by the cross-entropy pass
+        grads.hidden = torch.empty((n_rows, d), dtype=acc, device=device)
+    # the weight-gradient buffers are written by the first chunk of their pass (accumulate(first=True)): no fill
+    if wants["lm_weight"]:
+        grads.lm_weight = torch.empty((vocab, d), dtype=acc, device=device)
+    if wants["lm_bias"]:
+        grads.lm_bias = torch.zeros((vocab,), dtype=acc, device=device)
+    if wants["shallow"]:
+        grads.shallow = torch.zeros((n_rows, d), dtype=acc, device=device)
+    if wants["projector"]:
+        grads.gate_up = torch.empty((2 * width, d), dtype=acc, device=device)
+        grads.w_down = torch.empty((d, width), dtype=acc, device=device)
+    return grads
+
+
+def _cross_entropy_pass(call: _Call, ce_rows: Tensor, z_rows: Tensor) -> None:
+    problem, plan, grads = call.problem, call.plan, call.grads
+    opts = problem.options
+    hidden, labels = call.hidden, problem.labels
+    n_rows = hidden.shape[0]
+    lm_weight = problem.lm_weight.to(plan.operand_dtype)
+    lm_bias = None if problem.lm_bias is None else problem.lm_bias.to(plan.operand_dtype)
+    vocab = lm_weight.shape[0]
+    need_grad = grads.hidden is not None or grads.lm_weight is not None or grads.lm_bias is not None
+    chunk = opts.chunk_size or default_chunk_size(n_rows, hidden.shape[1], vocab, plan.operand_dtype)
+    # On CUDA the logits stay in the matmul dtype, as in Liger and Cut Cross-Entropy: the CE kernel reads them once
+    # and writes d logits over them. One buffer serves every chunk (on CPU a fresh one would be page-faulted in).
+    logits_buffer = torch.empty((min(chunk, n_rows), vocab), dtype=plan.operand_dtype, device=hidden.device)
+    for start in range(0, n_rows, chunk):
+        end = min(start + chunk, n_rows)
+        h = hidden[start:end]
+        logits = logits_buffer[: end - start]
+        if lm_bias is None:
+            torch.mm(h, lm_weight.T, out=logits)
+        else:
+            torch.addmm(lm_bias, h, lm_weight.T, out=logits)
+        d_logits = call.ops.cross_entropy(
+            logits, labels[start:end], ignore_index=opts.ignore_index, label_smoothing=opts.label_smoothing,
+            softcap=opts.softcap, z_loss_weight=opts.z_loss_weight, need_grad=need_grad,
+            ce_out=ce_rows[start:end], z_out=z_rows[start:end])
+        if d_logits is None:
+            continue
+        d_logits = d_logits.to(plan.operand_dtype)  # once, for every matmul below
+        if grads.hidden is not None:
+            d_h = plan.product(d_logits, lm_weight, out=grads.hidden[start:end])
+            if call.ce_scale is not None:
+                d_h.mul_(call.ce_scale)
+        if grads.lm_weight is not None:
+            plan.accumulate(grads.lm_weight, d_logits.T, h, first=start == 0)
+        if grads.lm_bias is not None:
+            grads.lm_bias.add_(d_logits.sum(0, dtype=grads.lm_bias.dtype))
+
+
+def _nitp_pass(call: _Call, valid: Tensor, loss_rows: Tensor, grad_sq: Optional[Tensor]) -> None:
+    """NITP rows t in [0, N - shift): their target row t + shift exists in the flattened tensor; `valid` (the
+    contract's rule) drops the rows whose target lies in the next sequence or whose label is ignored."""
+    problem, plan, grads, ops = call.problem, call.plan, call.grads, call.ops
+    opts = problem.options
+    shift, n_rows, d = opts.shift, *call.hidden.shape
+    last = n_rows - shift
+    w_gate_up = w_down = None
+    width = d
+    if problem.projector is not None:
+        w_gate, w_up, w_down = (w.to(plan.operand_dtype) for w in problem.projector)
+        w_gate_up = torch.cat((w_gate, w_up), dim=0)  # one (2H x d) GEMM for gate and up
+        width = w_gate.shape[0]
+    need_dh = grads.hidden is not None
+    need_grad = need_dh or grads.gate_up is not None or grads.shallow is not None
+    vocab = problem.lm_weight.shape[0]
+    chunk = opts.chunk_size or nitp_chunk_size(last, d, width, vocab)
+    for start in range(0, last, chunk):
+        end = min(start + chunk, last)
+        h = call.hidden[start:end]
+        target = problem.shallow[start + shift:end + shift]
+        gate_up = g = None
+        if w_gate_up is not None:
+            gate_up = plan.product(h, w_gate_up.T)
+            g = ops.swiglu_forward(gate_up).to(plan.operand_dtype)  # once, for both matmuls
+            pred = plan.product(g, w_down.T)
+        else:
+            pred = problem.hidden[start:end]  # P = identity: no matmul, so no matmul-dtype rounding
+        d_pred, d_target = ops.nitp_loss(
+            pred, target, valid[start:end], loss_type=opts.loss_type, need_grad=need_grad,
+            need_target_grad=grads.shallow is not None, loss_out=loss_rows[start:end])
+        if d_target is not None:
+            torch.mul(d_target, call.nitp_scale, out=grads.shallow[start + shift:end + shift])
+        if d_pred is None:
+            continue
+        d_from_nitp = d_pred
+        if w_gate_up is not None:
+            d_pred = d_pred.to(plan.operand_dtype)  # once, for both matmuls
+            if grads.w_down is not None:
+                plan.accumulate(grads.w_down, d_pred.T, g, first=start == 0)
+            if need_dh or grads.gate_up is not None:
+                d_gate_up = ops.swiglu_backward(plan.product(d_pred, w_down), gate_up).to(plan.operand_dtype)
+                if grads.gate_up is not None:
+                    plan.accumulate(grads.gate_up, d_gate_up.T, h, first=start == 0)
+                if need_dh:
+                    d_from_nitp = plan.product(d_gate_up, w_gate_up)
+        if need_dh:
+            if grad_sq is not None:
+                grad_sq += d_from_nitp.square().sum()
+            grads.hidden[start:end].addcmul_(d_from_nitp, call.nitp_scale)
 
 
 class FusedNITPFunction(torch.autograd.Function):

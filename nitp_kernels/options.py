@@ -1,8 +1,14 @@
 """Validation of the fused ops' inputs, and the normalised problem every backend receives.
 
 Every misuse raises ValueError or TypeError naming the argument, before any kernel runs, so a user never
-meets a crash deep inside a kernel or a silent NaN. The label range is checked on CPU tensors always and on
-CUDA tensors only with NITP_KERNELS_DEBUG=1, because the check needs a host synchronisation.
+meets a crash deep inside a kernel or a silent NaN.
+
+The label range is the one check that depends on tensor values. On CPU it raises a ValueError with the offending
+value. On CUDA, reading a value back would cost a host synchronisation per call, so the check runs on the device:
+one boolean reduction over the labels and torch._assert_async, which fails the CUDA context with a device-side
+assertion whose text (printed to stderr by the device; at most 255 characters) names `labels` and the allowed
+range; the host then sees "CUDA error: device-side assert triggered" at its next synchronisation. The chunk ops
+never index with such a label meanwhile. NITP_KERNELS_DEBUG=1 makes CUDA use the eager check (with a sync).
 """
 from __future__ import annotations
 
@@ -13,10 +19,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-LOSS_TYPES = ("cosine", "mse", "smooth_l1", "kl")
-REDUCTIONS = ("mean", "sum")
-BACKENDS = ("auto", "reference", "torch", "triton")
-FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+from .contract import BACKENDS, FLOAT_DTYPES, LOSS_TYPES, REDUCTIONS  # noqa: F401 (BACKENDS: re-exported)
 
 ProjectorArg = Union[None, torch.nn.Module, Sequence[Tensor]]
 
@@ -124,13 +127,18 @@ def projector_weights(projector: ProjectorArg) -> Optional[tuple[Tensor, Tensor,
 
 
 def _check_labels_range(labels: Tensor, vocab: int, ignore_index: int) -> None:
-    if labels.device.type != "cpu" and os.environ.get("NITP_KERNELS_DEBUG", "0") in ("", "0"):
+    """Every label in [0, vocab) or equal to ignore_index: eagerly on CPU, on the device on CUDA (module doc)."""
+    allowed = f"labels must be in [0, {vocab}) or equal ignore_index={ignore_index}"
+    eager = labels.device.type == "cpu" or os.environ.get("NITP_KERNELS_DEBUG", "0") not in ("", "0")
+    if not eager:
+        in_range = (labels == ignore_index) | ((labels >= 0) & (labels < vocab))
+        torch._assert_async(in_range.all(), f"fused NITP loss: {allowed}; found one outside "
+                                            "(NITP_KERNELS_DEBUG=1 shows its value)")
         return
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
     if bool(bad.any()):
         example = int(labels[bad][0])
-        raise ValueError(f"labels must be in [0, {vocab}) or equal ignore_index={ignore_index}; "
-                         f"found {example} ({int(bad.sum())} bad labels)")
+        raise ValueError(f"{allowed}; found {example} ({int(bad.sum())} bad labels)")
 
 
 def build_problem(

@@ -1,8 +1,9 @@
 """The "reference" backend: plain autograd that materialises the (N, V) logits.
 
-Ground truth for every test, written from DESIGN.md's formulas and independent of the chunked backends: it
-uses F.cross_entropy for the CE term, shifts the target with a (B, T) view instead of index arithmetic, and lets
-autograd take every gradient. Never fast, never memory-frugal.
+Ground truth for every test, written from the contract's formulas and independent of the chunked backends (it
+imports nothing from them): it uses F.cross_entropy for the CE term, shifts the target with a (B, T) view instead
+of index arithmetic, and lets autograd take every gradient. Under torch.autocast its matmuls follow autocast, as
+any autograd code's would. Never fast, never memory-frugal.
 """
 from __future__ import annotations
 
@@ -10,18 +11,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .contract import NORM_EPS, accumulation_dtype
 from .options import Problem
-
-NORM_EPS = 1e-6
-
-
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Softmax, norms, losses and gradient sums run in promote_types(dtype, fp32)."""
-    return torch.promote_types(dtype, torch.float32)
 
 
 def nitp_row_losses(pred: Tensor, target: Tensor, loss_type: str) -> Tensor:
-    """Per-row NITP loss of DESIGN.md section 3 for (..., d) predictions and targets (autograd-friendly)."""
+    """Per-row NITP loss of the contract for (..., d) predictions and targets (autograd-friendly)."""
     if loss_type == "cosine":
         pred_norm = torch.linalg.vector_norm(pred, dim=-1).clamp_min(NORM_EPS)
         target_norm = torch.linalg.vector_norm(target, dim=-1).clamp_min(NORM_EPS)
@@ -37,7 +32,7 @@ def nitp_row_losses(pred: Tensor, target: Tensor, loss_type: str) -> Tensor:
 
 
 def reference_losses(problem: Problem) -> tuple[Tensor, ...]:
-    """(loss, ce, nitp, z, n_ce, n_nitp) with autograd graphs on loss; see DESIGN.md section 3.
+    """(loss, ce, nitp, z, n_ce, n_nitp) with autograd graphs on loss (the semantics in contract.py).
     With return_grad_norms, also ||d(ce + z_w·z)/d hidden|| and ||d nitp/d hidden|| by autograd."""
     opts = problem.options
     hidden = problem.hidden

@@ -1,8 +1,8 @@
 """The "torch" backend's chunk ops: loss and gradient of one token chunk, in pure PyTorch.
 
-The chunk loop in chunked.py calls these four functions; the "triton" backend provides the same four with
-hand-written kernels (triton_ops.py). Every loss and gradient is formed in the accumulation dtype
-promote_types(dtype, fp32); gradients handed back to a matmul are cast to the matmul dtype.
+The chunk loop in chunked.py calls these four functions (its ChunkOps protocol); the "triton" backend provides the
+same four with hand-written kernels (triton_ops.py). Every loss and gradient is formed in the accumulation dtype
+promote_types(dtype, fp32) and returned unscaled: the loop applies 1/N and nitp_weight in that dtype.
 """
 from __future__ import annotations
 
@@ -12,73 +12,92 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .reference import NORM_EPS, accumulation_dtype
+from .contract import NORM_EPS, accumulation_dtype
 
 
 class TorchChunkOps:
     """Chunk ops in plain PyTorch; the default on CPU and the model the Triton kernels follow."""
 
-    name = "torch"
-
     def cross_entropy(
         self, logits: Tensor, labels: Tensor, *, ignore_index: int, label_smoothing: float,
-        softcap: Optional[float], z_loss_weight: float, ce_scale: Tensor, z_scale: Tensor, need_grad: bool,
-    ) -> tuple[Tensor, Tensor, Optional[Tensor]]:
-        """Sums of the CE and z terms over the chunk's valid rows, and d(ce_scale·ce + z_w·z_scale·z)/d logits.
+        softcap: Optional[float], z_loss_weight: float, need_grad: bool, ce_out: Tensor, z_out: Tensor,
+    ) -> Optional[Tensor]:
+        """Per-row CE and z terms into ce_out, z_out (0 on ignored rows); with need_grad d(ce + z_w·z)/d logits.
 
-        logits (n, V) are raw (bias added, softcap not yet applied) and may be overwritten in place. The gradient
-        comes back in the accumulation dtype; the chunk loop decides the dtype of the matmuls that consume it.
+        logits (n, V) are raw (bias added, softcap not yet applied). In the accumulation dtype (fp32/fp64 logits)
+        they are worked on in place and become the gradient, so the chunk needs no second (n, V) buffer: max, then
+        exp(s - max) in place, whose row sums give lse = max + log(sum) and, scaled per row, the softmax. The loss
+        is (max - s_y) + log(sum), which loses no digits when the scores are large (|s| ~ 1e3).
+        A label outside [0, V) is masked like an ignored one before any gather or scatter, so it never indexes
+        out of bounds (the caller reports it: an error on CPU, a device-side assertion on CUDA).
         """
         acc = accumulation_dtype(logits.dtype)
-        scores = logits.to(acc)  # the same tensor when logits are already fp32/fp64: worked on in place
+        scores = logits.to(acc)  # the same tensor when logits are already fp32/fp64
+        n_cols = scores.shape[1]
+        valid = (labels != ignore_index) & (labels >= 0) & (labels < n_cols)
+        safe_labels = torch.where(valid, labels, 0).unsqueeze(1)
         tanh = None
         if softcap is not None:
-            tanh = torch.tanh(scores / softcap)
-            scores = tanh * softcap
-        valid = labels != ignore_index
-        safe_labels = torch.where(valid, labels, 0).unsqueeze(1)
-        lse = torch.logsumexp(scores, dim=-1)
-        ce_rows = (1.0 - label_smoothing) * (lse - scores.gather(1, safe_labels).squeeze(1))
+            tanh = torch.tanh(scores.div_(softcap))
+            scores = torch.mul(tanh, softcap, out=scores)
+        row_max = scores.amax(dim=-1, keepdim=True)
+        label_score = scores.gather(1, safe_labels).squeeze(1)
+        mean_score = scores.mean(dim=-1) if label_smoothing else None
+        exp = scores.sub_(row_max).exp_()  # exp(s - max), in place
+        exp_sum = exp.sum(dim=-1)
+        log_sum = exp_sum.log()
+        row_max = row_max.squeeze(1)
+        lse = row_max + log_sum
+        ce_rows = (1.0 - label_smoothing) * ((row_max - label_score) + log_sum)
         if label_smoothing:
-            ce_rows = ce_rows + label_smoothing * (lse - scores.mean(dim=-1))
+            ce_rows = ce_rows + label_smoothing * ((row_max - mean_score) + log_sum)
         zero = torch.zeros((), dtype=acc, device=logits.device)
-        ce_sum = torch.where(valid, ce_rows, zero).sum()
-        z_sum = torch.where(valid, lse * lse, zero).sum()
+        torch.where(valid, ce_rows, zero, out=ce_out)
+        torch.where(valid, lse * lse, zero, out=z_out)
         if not need_grad:
-            return ce_sum, z_sum, None
+            return None
 
-        grad = scores.sub_(lse.unsqueeze(1)).exp_()  # softmax, written over the scores
-        row_coef = ce_scale + (2.0 * z_loss_weight) * z_scale * lse
-        grad.mul_(torch.where(valid, row_coef, zero).unsqueeze(1))
-        target_coef = torch.where(valid, ce_scale * (1.0 - label_smoothing), zero).to(acc)
+        # softmax times (1 + 2·z_w·lse), one multiplication: exp(s - max) · coef / sum
+        row_coef = torch.where(valid, (1.0 + (2.0 * z_loss_weight) * lse) / exp_sum, zero)
+        grad = exp.mul_(row_coef.unsqueeze(1))
+        target_coef = torch.where(valid, 1.0 - label_smoothing, zero).to(acc)
         grad.scatter_add_(1, safe_labels, -target_coef.unsqueeze(1))
         if label_smoothing:
-            grad.sub_(torch.where(valid, ce_scale * (label_smoothing / logits.shape[1]), zero).unsqueeze(1))
+            grad.sub_(torch.where(valid, label_smoothing / n_cols, zero).unsqueeze(1))
         if tanh is not None:  # d softcap(x)/dx = 1 - tanh(x/c)^2
-            grad.mul_(1.0 - tanh * tanh)
-        return ce_sum, z_sum, grad
+            grad.mul_(tanh.square_().neg_().add_(1.0))
+        return grad
 
     def swiglu_forward(self, gate_up: Tensor) -> Tensor:
         """g = silu(a) * b for gate_up = [a | b] of shape (n, 2H); computed in fp32, returned in gate_up's dtype."""
         acc = accumulation_dtype(gate_up.dtype)
         gate, up = gate_up.to(acc).chunk(2, dim=-1)
-        return (F.silu(gate) * up).to(gate_up.dtype)
+        return F.silu(gate).mul_(up).to(gate_up.dtype)
 
     def swiglu_backward(self, d_g: Tensor, gate_up: Tensor) -> Tensor:
-        """[d_a | d_b] with d_a = d_g·b·silu'(a), d_b = d_g·silu(a), in the accumulation dtype (see cross_entropy)."""
+        """[d_a | d_b] with d_a = d_g·b·silu'(a), d_b = d_g·silu(a), in the accumulation dtype.
+
+        Written over gate_up when it is in the accumulation dtype (the loop's fp32 product, not needed afterwards),
+        with two (n, H) temporaries: silu'(a) = sigmoid(a) + silu(a)·(1 - sigmoid(a)).
+        """
         acc = accumulation_dtype(gate_up.dtype)
-        gate, up = gate_up.to(acc).chunk(2, dim=-1)
+        out = gate_up.to(acc)
+        gate, up = out.chunk(2, dim=-1)
         d_g = d_g.to(acc)
         sig = torch.sigmoid(gate)
-        silu = gate * sig
-        d_gate = d_g * up * sig * (1.0 + gate * (1.0 - sig))
-        return torch.cat((d_gate, d_g * silu), dim=-1)
+        d_g_up = d_g * up
+        silu = torch.mul(gate, sig, out=up)  # the up half now holds silu(a)
+        d_silu = sig.addcmul_(silu, sig, value=-1.0).add_(silu)
+        silu.mul_(d_g)  # d_b, in place
+        torch.mul(d_g_up, d_silu, out=gate)  # d_a
+        return out
 
     def nitp_loss(
-        self, pred: Tensor, target: Tensor, valid: Tensor, *, loss_type: str, scale: Tensor,
-        need_grad: bool, need_target_grad: bool,
-    ) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
-        """Unscaled sum of the per-row NITP loss over valid rows; scale·d/d pred and, if asked, scale·d/d target."""
+        self, pred: Tensor, target: Tensor, valid: Tensor, *, loss_type: str, need_grad: bool,
+        need_target_grad: bool, loss_out: Tensor,
+    ) -> tuple[Optional[Tensor], Optional[Tensor]]:
+        """Per-row NITP loss into loss_out (0 on invalid rows); d/d pred and, if asked, d/d target (unscaled, 0 on
+        invalid rows)."""
         acc = accumulation_dtype(pred.dtype)
         p, y = pred.to(acc), target.to(acc)
         dim = p.shape[-1]
@@ -113,8 +132,8 @@ class TorchChunkOps:
         else:
             raise ValueError(f"unknown loss_type {loss_type!r}")
         zero = torch.zeros((), dtype=acc, device=p.device)
-        loss_sum = torch.where(valid, rows, zero).sum()
+        torch.where(valid, rows, zero, out=loss_out)
         if not need_grad:
-            return loss_sum, None, None
-        row_scale = torch.where(valid, scale.to(acc), zero).unsqueeze(1)
-        return loss_sum, d_p * row_scale, (d_y * row_scale if need_target_grad else None)
+            return None, None
+        row_valid = valid.unsqueeze(1)
+        return torch.where(row_valid, d_p, zero), (torch.where(row_valid, d_y, zero) if need_target_grad else None)

@@ -1,45 +1,55 @@
-"""The "triton" backend's chunk ops: the four calls of the chunk loop (chunked.py), on hand-written kernels.
+"""The "triton" backend's chunk ops: the four calls of the chunk loop (chunked.py's ChunkOps), on hand-written
+kernels.
 
 Same method names, keyword arguments and semantics as TorchChunkOps (torch_ops.py); the kernels live in
-nitp_kernels/kernels/, one family per module. Per-row results come back from the kernels in fp32 and are summed
-here by torch (no atomics across programs), so the same inputs give bitwise the same outputs. fp64 is refused
-with a TypeError by every launcher: use backend="torch" for float64.
+nitp_kernels/kernels/, one family per module. Per-row results come back from the kernels in fp32 and are copied
+into the loop's per-call row buffers, which it sums once (no atomics across programs), so the same inputs give
+bitwise the same outputs. The launchers take scale factors; the loop wants unscaled gradients, so they get 1.
+fp64 is refused with a TypeError by every launcher: use backend="torch" for float64.
 """
 from __future__ import annotations
 
 from typing import Optional
 
+import torch
 from torch import Tensor
 
 from .kernels.cross_entropy import cross_entropy_rows
 from .kernels.nitp_rows import nitp_rows
 from .kernels.swiglu import swiglu_backward as _swiglu_backward
 from .kernels.swiglu import swiglu_forward as _swiglu_forward
-from .reference import accumulation_dtype
 
 
 class TritonChunkOps:
     """Chunk ops on Triton kernels; the default on CUDA, run on CPU by Triton's interpreter in CI."""
 
-    name = "triton"
+    def __init__(self) -> None:
+        self._ones: dict[torch.device, Tensor] = {}
+
+    def _one(self, device: torch.device) -> Tensor:
+        """An fp32 1 on `device` for the launchers' scale pointers, made once per device (one op call)."""
+        if device not in self._ones:
+            self._ones[device] = torch.ones((), dtype=torch.float32, device=device)
+        return self._ones[device]
 
     def cross_entropy(
         self, logits: Tensor, labels: Tensor, *, ignore_index: int, label_smoothing: float,
-        softcap: Optional[float], z_loss_weight: float, ce_scale: Tensor, z_scale: Tensor, need_grad: bool,
-    ) -> tuple[Tensor, Tensor, Optional[Tensor]]:
-        """Sums of the CE and z terms over the chunk's valid rows, and d(ce_scale·ce + z_w·z_scale·z)/d logits.
+        softcap: Optional[float], z_loss_weight: float, need_grad: bool, ce_out: Tensor, z_out: Tensor,
+    ) -> Optional[Tensor]:
+        """Per-row CE and z terms into ce_out, z_out; with need_grad d(ce + z_w·z)/d logits, unscaled.
 
-        With need_grad the gradient is written over `logits` (raw, bias added, softcap not applied) and
-        that same tensor is returned, so a chunk holds one (n, V) buffer.
+        With need_grad the gradient is written over `logits` (raw, bias added, softcap not applied) and that same
+        tensor is returned, so a chunk holds one (n, V) buffer. Ignored rows are written as exact zeros.
         """
-        acc = accumulation_dtype(logits.dtype)
         if logits.stride(1) != 1:
             logits = logits.contiguous()
+        one = self._one(logits.device)
         ce_rows, z_rows = cross_entropy_rows(
             logits, labels, ignore_index=ignore_index, label_smoothing=label_smoothing, softcap=softcap,
-            z_loss_weight=z_loss_weight, ce_scale=ce_scale, z_scale=z_scale, need_grad=need_grad)
-        # ignored rows are written as exact zeros by the kernel, so plain sums are the masked sums
-        return ce_rows.sum(dtype=acc), z_rows.sum(dtype=acc), (logits if need_grad else None)
+            z_loss_weight=z_loss_weight, ce_scale=one, z_scale=one, need_grad=need_grad)
+        ce_out.copy_(ce_rows)
+        z_out.copy_(z_rows)
+        return logits if need_grad else None
 
     def swiglu_forward(self, gate_up: Tensor) -> Tensor:
         """g = silu(a) * b for gate_up = [a | b] of shape (n, 2H); computed in fp32, returned in gate_up's dtype."""
@@ -52,16 +62,16 @@ class TritonChunkOps:
         return _swiglu_backward(d_g, gate_up)
 
     def nitp_loss(
-        self, pred: Tensor, target: Tensor, valid: Tensor, *, loss_type: str, scale: Tensor,
-        need_grad: bool, need_target_grad: bool,
-    ) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
-        """Unscaled sum of the per-row NITP loss over valid rows; scale·d/d pred and, if asked, scale·d/d target.
+        self, pred: Tensor, target: Tensor, valid: Tensor, *, loss_type: str, need_grad: bool,
+        need_target_grad: bool, loss_out: Tensor,
+    ) -> tuple[Optional[Tensor], Optional[Tensor]]:
+        """Per-row NITP loss into loss_out; d/d pred and, if asked, d/d target (fp32, unscaled).
 
         `target` is read in place through its row stride (the shallow rows t + shift); invalid rows get zero
         loss and zero gradients.
         """
-        acc = accumulation_dtype(pred.dtype)
         loss_rows, d_pred, d_target = nitp_rows(
-            pred, target, valid, loss_type=loss_type, scale=scale, need_grad=need_grad,
+            pred, target, valid, loss_type=loss_type, scale=self._one(pred.device), need_grad=need_grad,
             need_target_grad=need_grad and need_target_grad)
-        return loss_rows.sum(dtype=acc), d_pred, d_target
+        loss_out.copy_(loss_rows)
+        return d_pred, d_target
