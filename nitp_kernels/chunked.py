@@ -340,6 +340,13 @@ class FusedNITPFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, *unused):
+        if torch.is_grad_enabled():  # autograd runs backward in grad mode only for create_graph=True
+            # The gradients were formed in the forward pass, so to a second differentiation they are
+            # constants: a gradient penalty would come out silently wrong. Refuse instead.
+            raise RuntimeError(
+                "fused NITP loss: double backward (create_graph=True) is not supported — the op computes its "
+                "gradients during the forward pass, so their own gradients would be missing. Use "
+                "backend='reference' for gradient penalties or other higher-order gradients.")
         stored = iter(ctx.saved_tensors)
         grads = [next(stored) if has else None for has in ctx.has]
         if ctx.first_scale is None:

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .api import NITPLossOutput, fused_nitp_loss
+from .contract import BACKENDS
 from .options import validate_options
 
 
@@ -59,6 +60,8 @@ class NITPLoss(nn.Module):
                             label_smoothing=label_smoothing, z_loss_weight=z_loss_weight, softcap=softcap,
                             chunk_size=chunk_size, return_grad_norms=return_grad_norms)
         validate_options(**self.options)  # fail at construction, not at the first step
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.options["backend"] = backend
 
     def forward(self, hidden: Tensor, lm_weight: Tensor, labels: Tensor, shallow: Tensor, projector,

@@ -12,6 +12,9 @@ never index with such a label meanwhile. NITP_KERNELS_DEBUG=1 makes CUDA use the
 """
 from __future__ import annotations
 
+import math
+import numbers
+
 import os
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
@@ -65,8 +68,36 @@ class Problem:
         return self.shallow is not None
 
 
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+def _scalar(name: str, value: object) -> object:
+    """A 0-d tensor's Python value (numeric options may come from a scheduler as tensors); others unchanged."""
+    if isinstance(value, Tensor):
+        if value.dim() != 0 or value.dtype == torch.bool or value.is_complex():
+            raise TypeError(f"{name} must be a real number, got a tensor of shape {tuple(value.shape)} "
+                            f"and dtype {value.dtype}")
+        return value.item()
+    return value
+
+
+def _real(name: str, value: object, requirement: str, ok) -> float:
+    """A finite real number (int, float, numpy scalar or 0-d tensor; never bool) for which ok(value) holds.
+
+    Non-finite values are refused by name: softcap=inf would give NaN, nitp_weight=inf an infinite loss.
+    """
+    value = _scalar(name, value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number ({requirement}), got {value!r}")
+    value = float(value)
+    if not math.isfinite(value) or not ok(value):
+        raise ValueError(f"{name} must be {requirement}, got {value!r}")
+    return value
+
+
+def _integer(name: str, value: object) -> int:
+    """An int (numpy integer or 0-d integer tensor accepted; never bool)."""
+    value = _scalar(name, value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    return int(value)
 
 
 def validate_options(
@@ -75,32 +106,29 @@ def validate_options(
     z_loss_weight: float = 0.0, softcap: Optional[float] = None, chunk_size: Optional[int] = None,
     return_grad_norms: bool = False,
 ) -> LossOptions:
-    if not _is_number(nitp_weight) or not nitp_weight >= 0:
-        raise ValueError(f"nitp_weight must be a number >= 0, got {nitp_weight!r}")
+    nitp_weight = _real("nitp_weight", nitp_weight, "a finite number >= 0", lambda v: v >= 0)
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
-    if not isinstance(shift, int) or isinstance(shift, bool) or shift < 0:
+    shift = _integer("shift", shift)
+    if shift < 0:
         raise ValueError(f"shift must be an int >= 0, got {shift!r}")
     if not isinstance(stop_gradient, bool):
         raise TypeError(f"stop_gradient must be a bool, got {type(stop_gradient).__name__}")
-    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
-        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    ignore_index = _integer("ignore_index", ignore_index)
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if not _is_number(label_smoothing) or not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing!r}")
-    if not _is_number(z_loss_weight) or not z_loss_weight >= 0:
-        raise ValueError(f"z_loss_weight must be a number >= 0, got {z_loss_weight!r}")
-    if softcap is not None and (not _is_number(softcap) or not softcap > 0):
-        raise ValueError(f"softcap must be None or a number > 0, got {softcap!r}")
-    if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool)
-                                   or chunk_size < 1):
-        raise ValueError(f"chunk_size must be None or an int >= 1, got {chunk_size!r}")
+    label_smoothing = _real("label_smoothing", label_smoothing, "in [0, 1]", lambda v: 0.0 <= v <= 1.0)
+    z_loss_weight = _real("z_loss_weight", z_loss_weight, "a finite number >= 0", lambda v: v >= 0)
+    if softcap is not None:
+        softcap = _real("softcap", softcap, "None or a finite number > 0", lambda v: v > 0)
+    if chunk_size is not None:
+        chunk_size = _integer("chunk_size", chunk_size)
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be None or an int >= 1, got {chunk_size!r}")
     if not isinstance(return_grad_norms, bool):
         raise TypeError(f"return_grad_norms must be a bool, got {type(return_grad_norms).__name__}")
-    return LossOptions(float(nitp_weight), loss_type, shift, stop_gradient, ignore_index, reduction,
-                       float(label_smoothing), float(z_loss_weight),
-                       None if softcap is None else float(softcap), chunk_size, return_grad_norms)
+    return LossOptions(nitp_weight, loss_type, shift, stop_gradient, ignore_index, reduction,
+                       label_smoothing, z_loss_weight, softcap, chunk_size, return_grad_norms)
 
 
 def _check_float_tensor(name: str, tensor: object) -> Tensor:

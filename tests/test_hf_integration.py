@@ -294,3 +294,11 @@ def test_gradient_checkpointing_gives_the_same_gradients_and_keeps_nothing():
         assert model._nitp_state.recorded is None  # no reference to hidden_states[k] outlives the call
     for name, grad in grads[1].items():
         assert_rel_close(grad, grads[0][name], what=f"checkpointed grad {name}")
+
+
+def test_a_one_token_input_is_named_as_too_short_not_as_a_bad_shift():
+    model = tiny_model("llama")
+    apply_nitp(model)
+    ids = torch.randint(0, model.config.vocab_size, (2, 1))
+    with pytest.raises(ValueError, match=r"input has 1 token\(s\) per sequence.*at least 2 tokens"):
+        model(input_ids=ids, labels=ids)

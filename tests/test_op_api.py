@@ -206,3 +206,53 @@ def test_grad_norms_need_a_gradient():
     hidden, lm_weight, labels, shallow, projector = _inputs()
     with torch.no_grad(), pytest.raises(ValueError, match="return_grad_norms"):
         fused_nitp_loss(hidden, lm_weight, labels, shallow, projector, return_grad_norms=True)
+
+
+def test_double_backward_is_refused_by_the_fused_backends_and_exact_on_the_reference():
+    """create_graph=True: the fused op's gradients are formed in forward, so a second derivative would be
+    silently wrong (a gradient penalty was off by 0.1); it is refused, and the reference backend does it."""
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 8, 16, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(32, 16, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 32, (2, 8))
+    loss = fused_linear_cross_entropy(hidden, weight, labels, backend="torch")
+    with pytest.raises(RuntimeError, match="double backward .*create_graph=True.* backend='reference'"):
+        torch.autograd.grad(loss, hidden, create_graph=True)
+    # the reference backend gives a real second derivative: the penalty's gradient is not zero
+    loss = fused_linear_cross_entropy(hidden, weight, labels, backend="reference")
+    (g,) = torch.autograd.grad(loss, hidden, create_graph=True)
+    (penalty_grad,) = torch.autograd.grad(g.square().sum(), weight)
+    assert penalty_grad.abs().max() > 0
+
+
+@pytest.mark.parametrize("name,value", [("softcap", float("inf")), ("nitp_weight", float("inf")),
+                                        ("z_loss_weight", float("inf")), ("label_smoothing", float("nan")),
+                                        ("nitp_weight", float("nan"))])
+def test_non_finite_options_are_refused_by_name(name, value):
+    with pytest.raises(ValueError, match=rf"^{name} must be .*got (inf|nan)"):
+        NITPLoss(**{name: value})
+
+
+def test_numpy_and_zero_dim_tensor_scalars_are_accepted_and_give_the_same_loss():
+    np = pytest.importorskip("numpy")
+    torch.manual_seed(0)
+    hidden, shallow = torch.randn(2, 8, 16), torch.randn(2, 8, 16)
+    weight, labels = torch.randn(32, 16), torch.randint(0, 32, (2, 8))
+    projector = NITPProjector(16)
+    plain = fused_nitp_loss(hidden, weight, labels, shallow, projector, nitp_weight=0.3, softcap=20.0, shift=1)
+    for weight_form, cap, shift in ((np.float32(0.3), np.float64(20.0), np.int64(1)),
+                                    (torch.tensor(0.3), torch.tensor(20.0), torch.tensor(1))):
+        other = fused_nitp_loss(hidden, weight, labels, shallow, projector, nitp_weight=weight_form, softcap=cap,
+                                shift=shift)
+        torch.testing.assert_close(other.loss, plain.loss, rtol=1e-6, atol=0)
+    with pytest.raises(TypeError, match="nitp_weight must be a real number"):
+        fused_nitp_loss(hidden, weight, labels, shallow, projector, nitp_weight=torch.tensor([0.3]))
+    with pytest.raises(TypeError, match="shift must be an int"):
+        fused_nitp_loss(hidden, weight, labels, shallow, projector, shift=np.float32(1.0))
+
+
+def test_nitp_loss_module_validates_its_options_at_construction():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        NITPLoss(backend="gpu")
+    with pytest.raises(ValueError, match="loss_type must be one of"):
+        NITPLoss(loss_type="l2")

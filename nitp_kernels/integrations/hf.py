@@ -290,6 +290,12 @@ def _loss_forward(model: nn.Module, state: _NITPState, labels: Tensor, arguments
                            f"[{state.target_layer}] could not be recorded")
 
     hidden = outputs.last_hidden_state
+    shift = state.op_options.get("shift", 1)
+    if hidden.dim() == 3 and hidden.shape[1] <= shift:
+        # the op would blame `shift`; the user's mistake is the input length
+        raise ValueError(f"apply_nitp: the input has {hidden.shape[1]} token(s) per sequence, but NITP predicts "
+                         f"the shallow state {shift} position(s) ahead, so it needs sequences of at least "
+                         f"{shift + 1} tokens (shift={shift})")
     ignore_index = state.op_options.get("ignore_index", -100)
     if shift_labels is None:
         shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
