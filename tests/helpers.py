@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from engine.checkpoint import list_checkpoints
 from engine.config import TrainConfig, make_config
@@ -152,6 +153,21 @@ def assert_rel_close(actual: torch.Tensor, expected: torch.Tensor, rel: float = 
     err = max_abs_error(actual, expected)
     assert scale > 0, f"{what}: reference is all zeros, the comparison would be empty"
     assert err <= rel * scale, f"{what}: max abs error {err:.3e} > {rel:g} × {scale:.3e}"
+
+
+def per_document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: torch.Tensor) -> torch.Tensor:
+    """The truth for document-masked attention: causal SDPA run on each document alone (GQA by repeating
+    k and v). q (B, H, T, D), k and v (B, H_kv, T, D), doc_ids (B, T); returns (B, T, H * D)."""
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    out = torch.empty_like(q)
+    for b in range(q.shape[0]):
+        for d in doc_ids[b].unique():
+            idx = (doc_ids[b] == d).nonzero().squeeze(1)
+            out[b, :, idx] = F.scaled_dot_product_attention(q[b:b + 1, :, idx], k[b:b + 1, :, idx],
+                                                            v[b:b + 1, :, idx], is_causal=True)[0]
+    B, H, T, D = q.shape
+    return out.transpose(1, 2).reshape(B, T, H * D)
 
 
 def saved_activation_bytes(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,

@@ -15,8 +15,7 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
-from helpers import max_abs_error, saved_activation_bytes, training_state
+from helpers import max_abs_error, per_document_attention, saved_activation_bytes, training_state
 
 from engine.config import make_config
 from engine.model import DocumentMask, MoE, NITPTransformer, causal_attention, document_attention_path
@@ -44,20 +43,6 @@ def _doc_ids(B: int, T: int, seed: int = 0) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.int32, device=CUDA)
 
 
-def _per_document(q, k, v, doc):
-    """fp32 truth: causal attention on each document alone (GQA by repeating k, v)."""
-    rep = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    out = torch.empty_like(q)
-    for b in range(q.shape[0]):
-        for d in doc[b].unique():
-            idx = (doc[b] == d).nonzero().squeeze(1)
-            out[b, :, idx] = F.scaled_dot_product_attention(q[b:b + 1, :, idx], k[b:b + 1, :, idx],
-                                                            v[b:b + 1, :, idx], is_causal=True)[0]
-    B, H, T, D = q.shape
-    return out.transpose(1, 2).reshape(B, T, H * D)
-
-
 def _run(fn, inputs, grad_out):
     leaves = [x.detach().clone().requires_grad_(True) for x in inputs]
     out = fn(*leaves)
@@ -74,7 +59,7 @@ def test_document_attention_paths_match_per_document_attention(path):
     q, k, v = (torch.randn(B, h, T, D, generator=g, device=CUDA) for h in (H, HKV, HKV))
     grad_out = torch.randn(B, T, H * D, generator=g, device=CUDA)
     doc = _doc_ids(B, T)
-    truth = _run(lambda q, k, v: _per_document(q, k, v, doc), (q, k, v), grad_out)
+    truth = _run(lambda q, k, v: per_document_attention(q, k, v, doc), (q, k, v), grad_out)  # in fp32
     bf16 = [x.bfloat16() for x in (q, k, v)]
     mask = DocumentMask(doc)
     dense = _run(lambda q, k, v: causal_attention(q, k, v, mask, path="sdpa_dense"), bf16, grad_out.bfloat16())
