@@ -1,10 +1,10 @@
-"""What the engine-side tests share: the repository root, a model small enough that a run of a few
-steps takes about a second, readers of a run's outputs, the command-line runners (engine/train.py,
-torchrun, ``python -m``) and one relative-error check.
+"""What the engine-side tests share (fixtures are in conftest.py): the repository root, a model small
+enough that a run of a few steps takes about a second, readers of a run's outputs, the command-line
+runners (engine/train.py, torchrun, ``python -m``), one relative-error check, and the independent
+measurements some tests compare against (attention one document at a time, the bytes autograd saves).
 
 The op tests keep their comparison rules in tests/op_cases.py (the fp64/fp32 relative error and Cut
-Cross-Entropy's low-precision rule); ``assert_rel_close`` here is the same per-tensor rule as
-tests/test_triton_kernels.py's ``assert_close``.
+Cross-Entropy's low-precision rule).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from engine.trainer import TrainState, build_state
 
 REPO = Path(__file__).resolve().parents[1]
 
-# The shape of a model that trains a step in milliseconds on one CPU thread (the tiny preset's is 4x wider).
+# A model small enough that a run of a few steps takes about a second (the tiny preset is 4x wider).
 TINY_SHAPE = dict(d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, ffn_hidden=64, seq_len=16)
 # A whole run of it on synthetic data: 2 micro-batches of 2 per step, a log line per step.
 SMALL = dict(data="synthetic", vocab_size=128, **TINY_SHAPE, batch_size=4, micro_batch_size=2, warmup_steps=4,
@@ -92,7 +92,7 @@ TORCHRUN = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
 
-def python(*args: str, env: Mapping[str, str] | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
+def run_python(*args: str, env: Mapping[str, str] | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
     """`python ARGS` in the repository root, output captured as text, one intra-op thread."""
     return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **ONE_THREAD, **(env or {})})
@@ -100,7 +100,7 @@ def python(*args: str, env: Mapping[str, str] | None = None, timeout: float = 24
 
 def train_cli(*args: str, env: Mapping[str, str] | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
     """`python engine/train.py ARGS`, as a user types it."""
-    return python(TRAIN, *args, env=env, timeout=timeout)
+    return run_python(TRAIN, *args, env=env, timeout=timeout)
 
 
 def start_train(*args: str, stdout: int | None = subprocess.PIPE) -> subprocess.Popen:
@@ -137,12 +137,13 @@ def torchrun(tmp_path: Path, driver: str, *args: str, timeout: float = 300) -> s
     """Run `driver` (Python source) on two processes in one torchrun start; assert it succeeded."""
     script = tmp_path / "driver.py"
     script.write_text(_DRIVER_PRELUDE + driver + "\ndist.destroy_process_group()\n")
-    return succeeded(python(*TORCHRUN, str(script), str(REPO), *args, timeout=timeout))
+    return succeeded(run_python(*TORCHRUN, str(script), str(REPO), *args, timeout=timeout))
 
 
-# --- measurements ------------------------------------------------------------------------------------
+# --- numbers and measurements ------------------------------------------------------------------------
 
 def max_abs_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |actual - expected| over the tensor."""
     return (actual - expected).abs().max().item()
 
 

@@ -1,7 +1,7 @@
 """Training FLOPs per token against the paper's Appendix G numbers and a hand count."""
 
 import pytest
-from helpers import python, succeeded
+from helpers import run_python, succeeded
 
 from engine.config import make_config
 from engine.flops import full_count, paper_formula, training_flops_per_token
@@ -45,6 +45,6 @@ def test_projector_off_counts_only_the_loss():
 
 
 def test_cli_prints_both_overheads():
-    out = succeeded(python("-m", "engine.flops", "--preset", "moe-9b-a1b")).stdout
+    out = succeeded(run_python("-m", "engine.flops", "--preset", "moe-9b-a1b")).stdout
     assert "paper-formula NITP overhead: 2.33%" in out
     assert "full-count NITP overhead: " in out

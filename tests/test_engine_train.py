@@ -5,7 +5,8 @@ import math
 
 import pytest
 import torch
-from helpers import TORCHRUN, TRAIN, assert_same_losses, cli_flags, metrics_rows, python, run_config, succeeded
+from helpers import (TORCHRUN, TRAIN, assert_same_losses, cli_flags, metrics_rows, run_config, run_python,
+                     succeeded)
 
 from engine.config import make_config, parse_cli
 from engine.trainer import next_batches, run, train_step
@@ -85,7 +86,7 @@ def test_torchrun_two_processes_equal_one_process(tmp_path, capsys):
     rows1 = metrics_rows(tmp_path / "one")
     config = run_config(tmp_path / "one")
     assert config["nitp_layer"] == 1 and config["world_size"] == 1 and config["data_source"] == "synthetic"
-    proc = succeeded(python(*TORCHRUN, TRAIN, *FLAGS, "--out", str(tmp_path / "two")))
+    proc = succeeded(run_python(*TORCHRUN, TRAIN, *FLAGS, "--out", str(tmp_path / "two")))
     rows2 = metrics_rows(tmp_path / "two")
     assert f"metrics: {tmp_path / 'two' / 'metrics.jsonl'}" in proc.stdout
     assert run_config(tmp_path / "two")["world_size"] == 2

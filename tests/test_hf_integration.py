@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import REPO, assert_rel_close, python, succeeded
+from helpers import REPO, assert_rel_close, run_python, succeeded
 
 transformers = pytest.importorskip("transformers")
 
@@ -265,7 +265,7 @@ def test_trainer_example_runs_three_steps(tmp_path):
 def test_importing_nitp_kernels_does_not_import_transformers():
     code = ("import sys, nitp_kernels, nitp_kernels.integrations, nitp_kernels.integrations.hf; "
             "assert 'transformers' not in sys.modules, 'transformers was imported'")
-    succeeded(python("-c", code))
+    succeeded(run_python("-c", code))
 
 
 @pytest.mark.skipif("llama" not in PRESENT, reason="needs LlamaForCausalLM")
