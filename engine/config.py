@@ -5,8 +5,8 @@ Resolution order: dataclass defaults < preset < explicit overrides (Python keywo
 message before any work starts (a ValueError from Python; the CLI turns it into SystemExit).
 
 Presets: ``tiny`` / ``tiny-moe`` run on a CPU in seconds per step; the others are the paper's
-Table 4 (DESIGN.md Appendix A): AdamW (0.9, 0.95), wd 0.1, clip 1.0, WSD with 2000 warmup steps
-and decay ratio 0.2, context 8192, Qwen2 vocabulary (152064), and each model's NITP layer and λ.
+Table 4: AdamW (0.9, 0.95), wd 0.1, clip 1.0, WSD with 2000 warmup steps and decay ratio 0.2,
+context 8192, Qwen2 vocabulary (152064), and each model's NITP layer and λ.
 """
 
 from __future__ import annotations

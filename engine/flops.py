@@ -1,4 +1,4 @@
-"""Training FLOPs per token, NTP and NITP (DESIGN.md Appendix B; the paper's Appendix G).
+"""Training FLOPs per token, NTP and NITP (docs/DESIGN.md §6; the paper's Appendix G).
 
 Two counts, both "training = 3 x forward" (forward 2 FLOPs per multiply-add, backward twice that):
 

@@ -41,7 +41,6 @@ import torch
 from engine.config import PRESETS, TrainConfig, _parse_bool, make_config, resolve_micro_batch_size, validate
 from engine.flops import training_flops_per_token
 from engine.model import NITPTransformer
-from engine.parallel import apply_activation_checkpointing
 from nitp_kernels.chunked import default_chunk_size
 
 GIB = 2 ** 30
@@ -126,35 +125,6 @@ def output_activation_bytes(cfg: TrainConfig, tokens: int, kernels: str, elem: i
     projector = 3 * d * cfg.nitp_projector_mult * d * 4 if (cfg.objective == "nitp" and cfg.nitp_projector) else 0
     rope = 2 * cfg.seq_len * cfg.head_dim * 4
     return norm + grad_hidden + grad_shallow + V * d * 4 + projector + n * 8 + rope
-
-
-def saved_activation_bytes(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
-                           checkpointing: bool = False) -> int:
-    """Measured: storage bytes autograd keeps from one forward of an unsharded model to its backward
-    (parameters excluded), counted with saved-tensor hooks; what the plan's activations estimate.
-
-    With checkpointing (applied here) a block keeps its input alive through the checkpoint, not
-    through saved-tensor hooks, so block inputs are counted from forward pre-hooks.
-    """
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    kept: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
-            kept[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    def keep_input(_module, args) -> None:
-        pack(args[0])
-
-    if checkpointing:
-        apply_activation_checkpointing(model)
-        for block in model.backbone.layers:
-            block.register_forward_pre_hook(keep_input)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(input_ids, labels, aux_weight=1.0)
-    return sum(kept.values())
 
 
 def make_plan(cfg: TrainConfig, gpus: int, *, gpu_mem_gib: float = 80.0, micro_batch: int | None = None,

@@ -4,7 +4,7 @@
 
 import pytest
 import torch
-import torch.nn.functional as F
+from helpers import per_document_attention
 
 from engine.model import DocumentMask, causal_attention, document_attention_path
 
@@ -22,18 +22,6 @@ def _doc_ids():
     doc[0, 30:] = 2          # three documents in row 0
     doc[1, 1:] = 5           # a one-token document, then one long one (ids need not be 0..n)
     return doc
-
-
-def per_document_attention(q, k, v, doc):
-    """Causal attention run separately on every document (keys/values repeated for GQA)."""
-    k, v = k.repeat_interleave(H // HKV, dim=1), v.repeat_interleave(H // HKV, dim=1)
-    out = torch.empty_like(q)
-    for b in range(B):
-        for d in doc[b].unique():
-            idx = (doc[b] == d).nonzero().squeeze(1)
-            out[b, :, idx] = F.scaled_dot_product_attention(q[b:b + 1, :, idx], k[b:b + 1, :, idx],
-                                                            v[b:b + 1, :, idx], is_causal=True)[0]
-    return out.transpose(1, 2).reshape(B, T, H * D)
 
 
 def test_dense_mask_path_equals_per_document_attention():

@@ -12,13 +12,14 @@ import subprocess
 
 import pytest
 import torch.distributed.checkpoint.filesystem as dcp_filesystem
-from run_cases import rows, small, steps_in
+from helpers import metrics_rows, small, steps_in, training_state
 
 from engine.checkpoint import (FIXED_ON_RESUME, MAY_CHANGE_ON_RESUME, CheckpointError, Checkpointer,
                                CheckpointWriteError, ResumeMismatchError, validate_checkpoint)
 from engine.config import TrainConfig
 from engine.metrics import truncate_metrics
-from engine.trainer import build_state, run
+from engine.trainer import run
+
 
 def test_flipped_bits_in_a_shard_fall_back_to_the_previous_checkpoint(tmp_path, capsys):
     run(small(tmp_path, steps=2, ckpt_every=1, keep_last=0))
@@ -34,7 +35,7 @@ def test_flipped_bits_in_a_shard_fall_back_to_the_previous_checkpoint(tmp_path, 
             pytest.warns(UserWarning, match=r"1 checkpoint\(s\) newer than step 1 .* moved to .*superseded"):
         run(small(tmp_path, steps=3, keep_last=0, resume="auto"))
     assert f"resumed from {tmp_path / 'checkpoints' / 'step_00000001'} (step 1)" in capsys.readouterr().out
-    assert [r["step"] for r in rows(tmp_path)] == [1, 2, 3]
+    assert [r["step"] for r in metrics_rows(tmp_path)] == [1, 2, 3]
     # Named explicitly, a corrupt checkpoint is refused (no fall-back), the reason in the error itself.
     corrupt = next((tmp_path / "checkpoints" / "superseded").iterdir()) / "step_00000002"
     with pytest.warns(UserWarning, match="SHA-256 differs"), \
@@ -83,7 +84,7 @@ def test_disk_full_leaves_nothing_partial_and_a_retry_works(tmp_path, monkeypatc
     validate_checkpoint(tmp_path / "checkpoints" / "step_00000002")
     monkeypatch.undo()  # space again: the retry resumes from step 2 and saves step 4
     run(small(tmp_path, steps=4, ckpt_every=2, async_ckpt=async_ckpt, resume="auto"))
-    assert steps_in(tmp_path / "checkpoints") == [2, 4] and [r["step"] for r in rows(tmp_path)] == [1, 2, 3, 4]
+    assert steps_in(tmp_path / "checkpoints") == [2, 4] and [r["step"] for r in metrics_rows(tmp_path)] == [1, 2, 3, 4]
 
 
 def test_a_real_full_file_system(tmp_path):
@@ -110,15 +111,15 @@ def test_a_real_full_file_system(tmp_path):
 def test_schedule_changes_on_resume_take_effect_as_in_a_fresh_run(tmp_path):
     fresh = tmp_path / "fresh"
     run(small(fresh, steps=8, lr=0.01))
-    want = [r["lr"] for r in rows(fresh)]
+    want = [r["lr"] for r in metrics_rows(fresh)]
     # A 4-step run resumed with --steps 8 --lr 0.01: from step 5 on, the fresh 8-step run's rates.
     run(small(tmp_path / "a", steps=4))
     run(small(tmp_path / "a", steps=8, lr=0.01, resume="auto"))
-    assert [r["lr"] for r in rows(tmp_path / "a")][4:] == want[4:]
+    assert [r["lr"] for r in metrics_rows(tmp_path / "a")][4:] == want[4:]
     # A finished 6-step run extended to 8 steps (its own schedule ended in the decay to 0).
     run(small(tmp_path / "b", steps=6, lr=0.01, decay_ratio=0.5))
     run(small(tmp_path / "b", steps=8, lr=0.01, resume="auto"))
-    assert [r["lr"] for r in rows(tmp_path / "b")][6:] == want[6:] and want[6] > 0
+    assert [r["lr"] for r in metrics_rows(tmp_path / "b")][6:] == want[6:] and want[6] > 0
 
 
 def test_fixed_fields_are_all_named_and_optimizer_settings_come_from_the_run(tmp_path):
@@ -130,14 +131,11 @@ def test_fixed_fields_are_all_named_and_optimizer_settings_come_from_the_run(tmp
     assert message.startswith(f"cannot resume from {tmp_path / 'checkpoints' / 'step_00000002'}")
     for name, value in changed.items():
         assert f"{name}: checkpoint {getattr(small(tmp_path), name)!r}, this run {value!r}" in message, name
-    state = build_state(small(tmp_path, steps=4, resume="auto", beta2=0.99, weight_decay=0.05))
-    try:
+    with training_state(small(tmp_path, steps=4, resume="auto", beta2=0.99, weight_decay=0.05)) as state:
         Checkpointer(state.cfg, state.dist).start(state)
         assert state.step == 2
         assert [g["betas"] for g in state.optimizer.param_groups] == [(0.9, 0.99)] * 2
         assert [g["weight_decay"] for g in state.optimizer.param_groups] == [0.05, 0.0]
-    finally:
-        state.close()
 
 
 def test_every_config_field_is_classified_for_resume():

@@ -3,20 +3,16 @@ what is allowed: in-process through engine.train.main and engine.config, and in 
 that the command line prints that one line and no traceback (NITP_TRACEBACK=1 shows it)."""
 
 import dataclasses
-import os
-import subprocess
-import sys
 import typing
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import train_cli
 
 from engine.cli import check_environment
 from engine.config import TrainConfig, make_config, parse_cli
 from engine.train import main as train_main
 
-REPO = Path(__file__).resolve().parents[1]
 FLOAT_FIELDS = [f.name for f in dataclasses.fields(TrainConfig)
                 if float in (typing.get_args(typing.get_type_hints(TrainConfig)[f.name])
                              or (typing.get_type_hints(TrainConfig)[f.name],))]
@@ -123,19 +119,14 @@ def test_eval_every_on_a_corpus_without_validation_split_is_refused_before_the_m
     assert not built
 
 
-def run_cli(*args, env=None):
-    return subprocess.run([sys.executable, "engine/train.py", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=120, env={**os.environ, **(env or {})})
-
-
 def test_command_line_prints_one_line_and_no_traceback(tmp_path):
-    proc = run_cli("--lr", "inf", "--out", str(tmp_path / "run"))
+    proc = train_cli("--lr", "inf", "--out", str(tmp_path / "run"))
     assert (proc.returncode, proc.stderr) == (1, "error: --lr must be a finite number > 0, got inf\n")
-    proc = run_cli("--data", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "run"))
+    proc = train_cli("--data", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "run"))
     assert (proc.returncode, proc.stderr.splitlines()) == (
         1, [f"error: --data {tmp_path / 'missing.txt'}: no such file or directory"])
     # NITP_TRACEBACK=1: the same error with its traceback, for debugging
-    proc = run_cli("--lr", "inf", env={"NITP_TRACEBACK": "1"})
+    proc = train_cli("--lr", "inf", env={"NITP_TRACEBACK": "1"})
     assert proc.returncode == 1 and "Traceback (most recent call last)" in proc.stderr
     assert "ValueError: --lr must be a finite number > 0, got inf" in proc.stderr
-    assert "NITP_TRACEBACK=1" in run_cli("--help").stdout
+    assert "NITP_TRACEBACK=1" in train_cli("--help").stdout

@@ -5,15 +5,14 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import REPO
 
 from engine.data import DataConfig, DataError, build_data
 from engine.data.tokenizer import cached_bpe
 
-ROOT = Path(__file__).resolve().parents[1]
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
 
 
@@ -232,7 +231,7 @@ def test_two_ranks_rank0_prepares_others_wait_and_errors_exit_cleanly(tmp_path):
     missing path stops both ranks with the message, no traceback, no hang."""
     missing = tmp_path / "missing_corpus"
     procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(r), str(tmp_path / "store"),
-                               "stdlib", str(missing), str(tmp_path / "cache")], cwd=ROOT,
+                               "stdlib", str(missing), str(tmp_path / "cache")], cwd=REPO,
                               text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
              for r in range(2)]
     out = [(*p.communicate(timeout=180), p.returncode) for p in procs]

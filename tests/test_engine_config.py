@@ -1,15 +1,10 @@
 """Config presets, validation messages, the command line, and the WSD schedule."""
 
-import os
-import subprocess
-import sys
-
 import pytest
+from helpers import train_cli
 
 from engine.config import PRESETS, make_config, parse_cli, validate
 from engine.optim import wsd_factor
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -53,7 +48,7 @@ def test_batch_must_divide_over_world_size():
 
 
 def test_paper_presets_follow_table_4():
-    expected = {  # d, layers, q/kv heads, head dim, target layer, λ, lr, batch (DESIGN.md Appendix A)
+    expected = {  # d, layers, q/kv heads, head dim, target layer, λ, lr, batch (the paper's Table 4)
         "moe-1.9b-a0.3b": (512, 16, 8, 4, 64, 3, 1.0, 6.0e-4, 256),
         "moe-3b-a0.5b": (768, 17, 8, 4, 96, 4, 1.0, 8.7e-4, 512),
         "moe-9b-a1b": (1280, 24, 8, 4, 160, 5, 0.8, 4.2e-4, 1024),
@@ -84,8 +79,7 @@ def test_cli_exits_with_the_message_and_no_traceback():
     with pytest.raises(SystemExit) as err:
         parse_cli(["--n-kv-heads", "3"])
     assert str(err.value) == "error: n_kv_heads=3 does not divide n_heads=4"
-    proc = subprocess.run([sys.executable, "engine/train.py", "--nitp-layer", "7"], cwd=REPO,
-                          capture_output=True, text=True, timeout=60)
+    proc = train_cli("--nitp-layer", "7")
     assert proc.returncode == 1
     assert proc.stderr.strip() == "error: nitp_layer=7 is outside 0..3 (n_layers=4; 0 = embeddings)"
 

@@ -15,15 +15,14 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
+from helpers import max_abs_error, per_document_attention, saved_activation_bytes, training_state
 
 from engine.config import make_config
 from engine.model import DocumentMask, MoE, NITPTransformer, causal_attention, document_attention_path
 from engine.model import attention as attention_module
 from engine.model.moe import expert_swiglu_grouped, expert_swiglu_loop
-from engine.parallel import close_distributed
-from engine.plan import make_plan, saved_activation_bytes
-from engine.trainer import build_state, next_batches, train_step
+from engine.plan import make_plan
+from engine.trainer import next_batches, train_step
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(),
@@ -44,29 +43,11 @@ def _doc_ids(B: int, T: int, seed: int = 0) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.int32, device=CUDA)
 
 
-def _per_document(q, k, v, doc):
-    """fp32 truth: causal attention on each document alone (GQA by repeating k, v)."""
-    rep = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    out = torch.empty_like(q)
-    for b in range(q.shape[0]):
-        for d in doc[b].unique():
-            idx = (doc[b] == d).nonzero().squeeze(1)
-            out[b, :, idx] = F.scaled_dot_product_attention(q[b:b + 1, :, idx], k[b:b + 1, :, idx],
-                                                            v[b:b + 1, :, idx], is_causal=True)[0]
-    B, H, T, D = q.shape
-    return out.transpose(1, 2).reshape(B, T, H * D)
-
-
 def _run(fn, inputs, grad_out):
     leaves = [x.detach().clone().requires_grad_(True) for x in inputs]
     out = fn(*leaves)
     out.backward(grad_out)
     return [out.detach().float()] + [x.grad.float() for x in leaves]
-
-
-def _max_err(a, b):
-    return (a - b).abs().max().item()
 
 
 @pytest.mark.parametrize("path", ["flex", "flash_varlen"])
@@ -78,13 +59,13 @@ def test_document_attention_paths_match_per_document_attention(path):
     q, k, v = (torch.randn(B, h, T, D, generator=g, device=CUDA) for h in (H, HKV, HKV))
     grad_out = torch.randn(B, T, H * D, generator=g, device=CUDA)
     doc = _doc_ids(B, T)
-    truth = _run(lambda q, k, v: _per_document(q, k, v, doc), (q, k, v), grad_out)
+    truth = _run(lambda q, k, v: per_document_attention(q, k, v, doc), (q, k, v), grad_out)  # in fp32
     bf16 = [x.bfloat16() for x in (q, k, v)]
     mask = DocumentMask(doc)
     dense = _run(lambda q, k, v: causal_attention(q, k, v, mask, path="sdpa_dense"), bf16, grad_out.bfloat16())
     got = _run(lambda q, k, v: causal_attention(q, k, v, mask, path=path), bf16, grad_out.bfloat16())
     for name, g_, d_, t_ in zip(("out", "dq", "dk", "dv"), got, dense, truth):
-        assert _max_err(g_, t_) <= 2 * _max_err(d_, t_) + 1e-3 * t_.abs().max().item(), name
+        assert max_abs_error(g_, t_) <= 2 * max_abs_error(d_, t_) + 1e-3 * t_.abs().max().item(), name
     assert document_attention_path(bf16[0]) in ("flash_varlen", "flex")  # never the dense mask on CUDA
 
 
@@ -114,7 +95,7 @@ def test_grouped_gemm_experts_match_the_per_expert_loop():
     loop = _run(lambda x, a, b, c: expert_swiglu_loop(x, counts, a, b, c), bf16, grad_out.bfloat16())
     grouped = _run(lambda x, a, b, c: expert_swiglu_grouped(x, counts, a, b, c), bf16, grad_out.bfloat16())
     for name, g_, l_, t_ in zip(("y", "dx", "dw_gate", "dw_up", "dw_down"), grouped, loop, truth):
-        assert _max_err(g_, t_) <= 2 * _max_err(l_, t_) + 1e-3 * t_.abs().max().item(), name
+        assert max_abs_error(g_, t_) <= 2 * max_abs_error(l_, t_) + 1e-3 * t_.abs().max().item(), name
 
 
 def test_moe_block_grouped_and_loop_agree_in_bf16():
@@ -131,22 +112,19 @@ def test_moe_block_grouped_and_loop_agree_in_bf16():
         outs.append((y.float(), balance.float()))
     torch.testing.assert_close(outs[0][1], outs[1][1])  # the same routing
     scale = outs[1][0].abs().max().item()
-    assert _max_err(outs[0][0], outs[1][0]) <= 2e-2 * scale
+    assert max_abs_error(outs[0][0], outs[1][0]) <= 2e-2 * scale
 
 
 def test_meta_init_on_cuda_and_a_document_masked_step(tmp_path):
     cfg = make_config("tiny", data="synthetic", vocab_size=256, seq_len=256, batch_size=4, doc_mask=True,
                       device="cuda", steps=2, out=str(tmp_path))
-    state = build_state(cfg)
-    try:
+    with training_state(cfg) as state:
         with torch.device(CUDA):
             plain = NITPTransformer(state.cfg)
         for (name, p), q in zip(state.model.named_parameters(), plain.parameters()):
             assert torch.equal(p.full_tensor(), q), name
         metrics = train_step(state, next_batches(state))
         assert math.isfinite(metrics["loss"]) and abs(metrics["ce_loss"] - math.log(256)) < 0.5
-    finally:
-        close_distributed(state.dist)
 
 
 def test_plan_cuda_activations_match_the_bytes_saved_on_the_gpu():

@@ -1,9 +1,7 @@
 """Training FLOPs per token against the paper's Appendix G numbers and a hand count."""
 
-import subprocess
-import sys
-
 import pytest
+from helpers import run_python, succeeded
 
 from engine.config import make_config
 from engine.flops import full_count, paper_formula, training_flops_per_token
@@ -47,7 +45,6 @@ def test_projector_off_counts_only_the_loss():
 
 
 def test_cli_prints_both_overheads():
-    out = subprocess.run([sys.executable, "-m", "engine.flops", "--preset", "moe-9b-a1b"], capture_output=True,
-                         text=True, check=True, timeout=60).stdout
+    out = succeeded(run_python("-m", "engine.flops", "--preset", "moe-9b-a1b")).stdout
     assert "paper-formula NITP overhead: 2.33%" in out
     assert "full-count NITP overhead: " in out

@@ -1,10 +1,10 @@
 """Run outputs: config.json, metrics.jsonl, progress bar only on a terminal, peak memory and peak FLOP/s."""
 
 import io
-import json
 import resource
 
 import torch
+from helpers import metrics_rows, run_config
 
 from engine.metrics import RunLogger, peak_flops_per_device, peak_memory_bytes
 
@@ -29,8 +29,8 @@ def test_files_and_one_line_per_log_step_without_a_terminal(tmp_path, monkeypatc
     logger.log(RECORD)
     logger.log({**RECORD, "step": 4, "loss": float("nan"), "val_ce": 2.1})
     logger.close()
-    assert json.loads((tmp_path / "run" / "config.json").read_text()) == {"preset": "tiny", "nitp_weight": 1.0}
-    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert run_config(tmp_path / "run") == {"preset": "tiny", "nitp_weight": 1.0}
+    rows = metrics_rows(tmp_path / "run")
     assert rows[0] == RECORD and rows[1]["loss"] is None and rows[1]["val_ce"] == 2.1
     out = capsys.readouterr().out.splitlines()
     assert len(out) == 2 and out[0].startswith("step      3 | loss 2.5000 ce 2.0000 nitp 0.5000")

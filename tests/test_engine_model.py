@@ -6,15 +6,15 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import TINY_SHAPE
 
 from engine.config import make_config
 from engine.model import NITPTransformer, mean_pairwise_cosine_per_sequence
 from engine.model.moe import MoE
 
 # data="synthetic": a vocabulary of 97 is too small for the default corpus's byte-level BPE
-SMALL = dict(data="synthetic", vocab_size=97, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, ffn_hidden=64,
-             seq_len=16, micro_batch_size=2, batch_size=2, nitp_layer=1)
-
+MODEL = dict(TINY_SHAPE, data="synthetic", vocab_size=97, n_layers=3, n_heads=4, n_kv_heads=2, micro_batch_size=2,
+             batch_size=2, nitp_layer=1)
 
 
 def _batch(cfg, seed=0, ignore_some=True):
@@ -33,7 +33,7 @@ def _model(cfg, dtype=torch.float64):
 
 def test_backbone_and_head_match_hugging_face_llama():
     transformers = pytest.importorskip("transformers")
-    cfg = make_config("tiny", **SMALL)
+    cfg = make_config("tiny", **MODEL)
     model = _model(cfg, torch.float32)
     hf_cfg = transformers.LlamaConfig(
         vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.ffn_hidden,
@@ -74,8 +74,8 @@ ABLATIONS = [
 
 @pytest.mark.parametrize("ablation", ABLATIONS, ids=lambda a: ",".join(f"{k}={v}" for k, v in a.items()) or "default")
 def test_gradients_equal_reference_backend(ablation):
-    cfg = make_config("tiny", **{**SMALL, **ablation})
-    ref_cfg = make_config("tiny", **{**SMALL, **ablation}, backend="reference")
+    cfg = make_config("tiny", **{**MODEL, **ablation})
+    ref_cfg = make_config("tiny", **{**MODEL, **ablation}, backend="reference")
     ids, labels = _batch(cfg)
     grads = []
     for c in (cfg, ref_cfg):
@@ -113,7 +113,7 @@ def _naive_nitp_sum(h, z, labels, projector, shift, loss_type):
 @pytest.mark.parametrize("ablation", [dict(), dict(nitp_shift=0), dict(nitp_projector=False, nitp_layer=2),
                                       dict(nitp_loss_type="mse")])
 def test_nitp_sum_matches_plain_formula(ablation):
-    cfg = make_config("tiny", **{**SMALL, **ablation})
+    cfg = make_config("tiny", **{**MODEL, **ablation})
     model = _model(cfg)
     ids, labels = _batch(cfg)
     with torch.no_grad():
@@ -134,7 +134,7 @@ def test_cosreg_penalty_is_mean_pairwise_cosine():
         sims = [F.cosine_similarity(h[b, i], h[b, j], dim=0) for i in range(7) for j in range(7) if i != j]
         naive.append(torch.stack(sims).mean())
     torch.testing.assert_close(mean_pairwise_cosine_per_sequence(h), torch.stack(naive).float(), rtol=1e-6, atol=1e-6)
-    cfg = make_config("tiny", **SMALL, objective="cosreg")
+    cfg = make_config("tiny", **MODEL, objective="cosreg")
     model = _model(cfg)
     ids, labels = _batch(cfg)
     out, _ = model(ids, labels, aux_weight=0.5, mode="cosreg")
@@ -161,7 +161,7 @@ def _naive_moe(moe, x, k):
 
 @pytest.mark.parametrize("grouped", [False, True])
 def test_moe_matches_naive_token_loop(grouped):
-    cfg = make_config("tiny-moe", **SMALL)
+    cfg = make_config("tiny-moe", **MODEL)
     torch.manual_seed(0)
     moe = MoE(cfg, grouped_mm=grouped)
     for p in moe.parameters():
@@ -185,7 +185,7 @@ def test_moe_matches_naive_token_loop(grouped):
 
 
 def test_moe_block_layout_and_init():
-    cfg = make_config("tiny-moe", **SMALL)
+    cfg = make_config("tiny-moe", **MODEL)
     model = _model(cfg, torch.float32)
     assert not model.backbone.layers[0].is_moe and all(b.is_moe for b in model.backbone.layers[1:])
     w = model.backbone.layers[1].self_attn.q_proj.weight
@@ -198,7 +198,7 @@ def test_moe_block_layout_and_init():
 def test_document_mask_makes_each_document_independent():
     # RoPE is relative, so under the block-diagonal mask a document's states equal those of the
     # document run alone, wherever it sits in the packed row.
-    cfg = make_config("tiny", **SMALL)
+    cfg = make_config("tiny", **MODEL)
     model = _model(cfg)
     ids, _ = _batch(cfg)
     doc_ids = torch.zeros_like(ids, dtype=torch.int32)
@@ -214,7 +214,7 @@ def test_document_mask_makes_each_document_independent():
 
 
 def test_hidden_mode_returns_the_normed_states_that_feed_the_head():
-    cfg = make_config("tiny", **SMALL)
+    cfg = make_config("tiny", **MODEL)
     model = _model(cfg)
     ids, _ = _batch(cfg)
     with torch.no_grad():

@@ -1,36 +1,24 @@
 """The training loop: every objective steps, loss falls, accumulation and data parallelism are exact,
 the command line writes its run directory, torchrun with 2 processes equals 1 process."""
 
-import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
+from helpers import (TORCHRUN, TRAIN, assert_same_losses, cli_flags, metrics_rows, run_config, run_python,
+                     succeeded)
 
 from engine.config import make_config, parse_cli
-from engine.parallel import close_distributed
-from engine.trainer import build_state, next_batches, run, train_step
+from engine.trainer import next_batches, run, train_step
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The tiny presets' own model (d 128, 4 layers) on synthetic data: 2 micro-batches of 2 per step.
 RUN = dict(data="synthetic", vocab_size=256, seq_len=32, micro_batch_size=2, batch_size=4, warmup_steps=2, log_every=1)
 
 
-
 @pytest.fixture
-def state_of():
-    states = []
-
-    def make(preset="tiny", **overrides):
-        state = build_state(make_config(preset, **{**RUN, **overrides}))
-        states.append(state)
-        return state
-
-    yield make
-    for s in states:
-        close_distributed(s.dist)
+def state_of(train_state):
+    """A training state of `preset` with RUN and `overrides`, closed at teardown."""
+    return lambda preset="tiny", **overrides: train_state(make_config(preset, **{**RUN, **overrides}))
 
 
 def _params(state):
@@ -88,35 +76,22 @@ def test_nitp_start_step_runs_plain_ntp_before(state_of, tmp_path):
     assert second["nitp_weight"] == 1.0 and second["nitp_loss"] > 0.5
 
 
-def _cli(args, out, env_extra=None, launcher=()):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
-    cmd = [sys.executable, *launcher, "engine/train.py", *args, "--out", str(out)]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    lines = (out / "metrics.jsonl").read_text().splitlines()
-    return proc, [json.loads(line) for line in lines]
-
-
-FLAGS = ["--data", "synthetic", "--vocab-size", "256", "--seq-len", "32", "--batch-size", "4",
-         "--micro-batch-size", "2", "--steps", "5", "--log-every", "1", "--warmup-steps", "2",
-         "--eval-every", "5", "--eval-batches", "2"]
+FLAGS = cli_flags({**RUN, "steps": 5, "eval_every": 5, "eval_batches": 2})
 
 
 def test_torchrun_two_processes_equal_one_process(tmp_path, capsys):
     # One process in this process (2 micro-batches of 2), two under torchrun (1 micro-batch of 2 each).
     run(parse_cli(FLAGS + ["--out", str(tmp_path / "one")]))
     assert f"metrics: {tmp_path / 'one' / 'metrics.jsonl'}" in capsys.readouterr().out
-    rows1 = [json.loads(line) for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
-    config = json.loads((tmp_path / "one" / "config.json").read_text())
+    rows1 = metrics_rows(tmp_path / "one")
+    config = run_config(tmp_path / "one")
     assert config["nitp_layer"] == 1 and config["world_size"] == 1 and config["data_source"] == "synthetic"
-    proc, rows2 = _cli(FLAGS, tmp_path / "two",
-                       launcher=("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"))
+    proc = succeeded(run_python(*TORCHRUN, TRAIN, *FLAGS, "--out", str(tmp_path / "two")))
+    rows2 = metrics_rows(tmp_path / "two")
     assert f"metrics: {tmp_path / 'two' / 'metrics.jsonl'}" in proc.stdout
-    assert json.loads((tmp_path / "two" / "config.json").read_text())["world_size"] == 2
+    assert run_config(tmp_path / "two")["world_size"] == 2
     assert [r["step"] for r in rows1] == [r["step"] for r in rows2] == [1, 2, 3, 4, 5]
-    for r1, r2 in zip(rows1, rows2):
-        for key in ("loss", "ce_loss", "nitp_loss", "grad_norm", "lr"):
-            assert abs(r1[key] - r2[key]) <= 1e-5, (r1["step"], key, r1[key], r2[key])
+    assert_same_losses(rows2, rows1, tol=1e-5)
     for key in ("step", "loss", "ce_loss", "nitp_loss", "nitp_weight", "lr", "grad_norm", "tokens_per_s", "mfu",
                 "peak_mem_bytes"):
         assert key in rows1[-1], key

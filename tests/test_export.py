@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+from helpers import TINY_SHAPE, training_state
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -17,14 +18,12 @@ from engine.config import make_config, parse_cli  # noqa: E402
 from engine.data.tokenizer import train_bpe  # noqa: E402
 from engine.export import main as export_main  # noqa: E402
 from engine.model.hf_adapter import load_hf_into_engine  # noqa: E402
-from engine.parallel import close_distributed  # noqa: E402
-from engine.trainer import build_state, next_batches, train_step  # noqa: E402
+from engine.trainer import next_batches, train_step  # noqa: E402
 
-SMALL = dict(d_model=32, n_layers=3, n_heads=2, n_kv_heads=1, ffn_hidden=64, seq_len=16, batch_size=4,
-             micro_batch_size=2, warmup_steps=1, log_every=1, steps=4, lr=1e-2)
+# The data (a real corpus with its tokenizer, or synthetic) is chosen per test.
+RUN = dict(TINY_SHAPE, n_layers=3, batch_size=4, micro_batch_size=2, warmup_steps=1, log_every=1, steps=4, lr=1e-2)
 MOE = dict(n_experts=4, moe_top_k=2, moe_ffn_hidden=16, shared_ffn_hidden=16)
 VOCAB = 300
-
 
 
 @pytest.fixture(scope="module")
@@ -48,14 +47,11 @@ def engine_logits(state, ids):
 
 
 def train_and_save(cfg, ids, steps=2):
-    state = build_state(cfg)
-    try:
+    with training_state(cfg) as state:
         for _ in range(steps):
             train_step(state, next_batches(state))
         Checkpointer(state.cfg, state.dist).save(state)
         return engine_logits(state, ids)
-    finally:
-        close_distributed(state.dist)
 
 
 IDS = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
@@ -70,7 +66,7 @@ def test_export_loads_in_transformers_with_the_engine_logits(preset, corpus, tmp
         extra_args = []
     else:  # synthetic data has no tokenizer: pass one
         data, extra_args = dict(vocab_size=VOCAB, data="synthetic"), ["--tokenizer", str(corpus / "tokenizer.json")]
-    cfg = make_config(preset, **SMALL, **(MOE if preset == "tiny-moe" else {}), **data, out=str(run_dir))
+    cfg = make_config(preset, **RUN, **(MOE if preset == "tiny-moe" else {}), **data, out=str(run_dir))
     want = train_and_save(cfg, IDS)
     export_main([str(run_dir), str(hf_dir), *extra_args])
 
@@ -100,13 +96,10 @@ def _hf_roundtrip(hf_src, tmp_path, preset):
     cfg = parse_cli(["--preset", preset, "--data", "synthetic", "--init-from-hf", str(hf_src), "--seq-len", "16",
                      "--batch-size", "2",
                      "--micro-batch-size", "2", "--steps", "1", "--nitp-layer", "1", "--out", str(tmp_path / "run")])
-    state = build_state(cfg)
-    try:
+    with training_state(cfg) as state:
         assert state.model.output.projector is not None
         engine = engine_logits(state, IDS)
         Checkpointer(state.cfg, state.dist).save(state)  # step 0: the imported weights untouched
-    finally:
-        close_distributed(state.dist)
     assert (engine - ref_logits).abs().max().item() < 1e-4
     export_main([str(tmp_path / "run"), str(tmp_path / "back")])
     back = AutoModelForCausalLM.from_pretrained(tmp_path / "back", dtype=torch.float32)
@@ -186,13 +179,10 @@ def test_export_refuses_unsafe_folders_and_bad_tokenizers(corpus, tmp_path, caps
     run_dir = tmp_path / "run"
     own_tok = tmp_path / "own_tokenizer.json"
     own_tok.write_bytes((corpus / "tokenizer.json").read_bytes())
-    cfg = make_config("tiny", **SMALL, data=str(corpus / "data"), tokenizer=str(own_tok), val_fraction=0.0,
+    cfg = make_config("tiny", **RUN, data=str(corpus / "data"), tokenizer=str(own_tok), val_fraction=0.0,
                       data_cache_dir=str(tmp_path / "cache"), out=str(run_dir))
-    state = build_state(cfg)
-    try:
+    with training_state(cfg) as state:
         Checkpointer(state.cfg, state.dist).save(state)
-    finally:
-        close_distributed(state.dist)
     run_files = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
 
     def refused(args, message):

@@ -1,22 +1,19 @@
 """Engine geometry metrics: the probe against a plain (unsharded) model + numpy + autograd, and
 the training loop logging the fields to metrics.jsonl."""
 
-import json
-
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import TINY_SHAPE, metrics_rows, training_state
 
 from engine.config import make_config
 from engine.data import IGNORE_INDEX
 from engine.geometry import GeometryProbe, fixed_sample
 from engine.model import NITPTransformer
-from engine.parallel import close_distributed
-from engine.trainer import build_state, run
+from engine.trainer import run
 
-SMALL = dict(data="synthetic", vocab_size=64, d_model=32, n_layers=2, n_heads=2, n_kv_heads=1,
-             ffn_hidden=64, seq_len=32, batch_size=2, micro_batch_size=2, log_every=100,
+RUN = dict(TINY_SHAPE, data="synthetic", vocab_size=64, seq_len=32, batch_size=2, micro_batch_size=2, log_every=100,
              nitp_layer=1, geometry_tokens=48, backend="torch", device="cpu")
 
 
@@ -35,13 +32,10 @@ def _np_avg_cos(x: np.ndarray) -> float:
 
 
 def test_probe_matches_plain_model_numpy_and_autograd(tmp_path):
-    cfg = make_config("tiny", **SMALL, out=str(tmp_path))
-    state = build_state(cfg)
-    try:
+    cfg = make_config("tiny", **RUN, out=str(tmp_path))
+    with training_state(cfg) as state:
         metrics = GeometryProbe(state.cfg, state.data, 0, state.dist.device).measure(state.model)
         batches = fixed_sample(state.cfg, state.data, 0)
-    finally:
-        close_distributed(state.dist)
     torch.manual_seed(cfg.seed)  # the same initial weights as build_state's model, without FSDP
     plain = NITPTransformer(state.cfg)
     ids = torch.cat([b["input_ids"] for b in batches])
@@ -77,9 +71,9 @@ def test_probe_matches_plain_model_numpy_and_autograd(tmp_path):
 @pytest.mark.parametrize("objective", ["nitp", "ntp"])
 def test_training_loop_logs_geometry(tmp_path, objective):
     out = tmp_path / objective
-    cfg = make_config("tiny", **SMALL, objective=objective, steps=3, geometry_every=2, out=str(out))
+    cfg = make_config("tiny", **RUN, objective=objective, steps=3, geometry_every=2, out=str(out))
     run(cfg)
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    records = metrics_rows(out)
     geo = {r["step"]: r for r in records if "eff_rank_last" in r}
     assert sorted(geo) == [1, 2, 3]  # step 1, every 2 steps, and the last step
     for r in geo.values():

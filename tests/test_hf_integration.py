@@ -7,20 +7,17 @@ term is computed here in plain PyTorch, 1 − cos(P(h_t), z_{t+1}) with its own 
 import copy
 import importlib.util
 import math
-import pathlib
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import REPO, assert_rel_close, run_python, succeeded
 
 transformers = pytest.importorskip("transformers")
 
 from nitp_kernels.integrations.hf import (SUPPORTED_MODEL_CLASSES, apply_nitp, remove_nitp,  # noqa: E402
                                           save_pretrained_without_nitp)
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 VOCAB, BATCH, SEQ = 97, 2, 10
 # Small enough to bend the tiny models' logits: ignoring or doubling it moves the loss by ~1e-3 (relative).
 SOFTCAP = 0.2
@@ -85,13 +82,6 @@ def grads_of(model, loss):
     model.zero_grad(set_to_none=True)
     loss.backward()
     return {name: None if p.grad is None else p.grad.clone() for name, p in model.named_parameters()}
-
-
-def assert_rel_close(actual, expected, rel=1e-5, what=""):
-    scale = expected.abs().max().item()
-    err = (actual - expected).abs().max().item()
-    assert scale > 0, f"{what}: reference is all zeros, the comparison would be empty"
-    assert err <= rel * scale, f"{what}: max abs error {err:.3e} > {rel:g} × {scale:.3e}"
 
 
 def assert_grads_match(actual: dict, expected: dict, rel=1e-5):
@@ -275,7 +265,7 @@ def test_trainer_example_runs_three_steps(tmp_path):
 def test_importing_nitp_kernels_does_not_import_transformers():
     code = ("import sys, nitp_kernels, nitp_kernels.integrations, nitp_kernels.integrations.hf; "
             "assert 'transformers' not in sys.modules, 'transformers was imported'")
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, timeout=120)
+    succeeded(run_python("-c", code))
 
 
 @pytest.mark.skipif("llama" not in PRESENT, reason="needs LlamaForCausalLM")

@@ -2,16 +2,14 @@
 gradients and AdamW states counted by tensor storage after a step, activations counted with
 saved-tensor hooks, with and without activation checkpointing; and the command line."""
 
-from pathlib import Path
-
 import pytest
 import torch
+from helpers import REPO, saved_activation_bytes, training_state
 
 from engine.config import make_config
 from engine.model import NITPTransformer
-from engine.parallel import close_distributed
-from engine.plan import main, make_plan, saved_activation_bytes
-from engine.trainer import build_state, next_batches
+from engine.plan import main, make_plan
+from engine.trainer import next_batches
 
 
 def _storage_bytes(tensors) -> int:
@@ -28,8 +26,8 @@ def _local(t):
 
 @pytest.mark.parametrize("preset", ["tiny", "tiny-moe"])
 def test_plan_components_match_what_the_engine_holds(preset, tmp_path):
-    state = build_state(make_config(preset, data="synthetic", micro_batch_size=2, steps=1, out=str(tmp_path)))
-    try:
+    with training_state(make_config(preset, data="synthetic", micro_batch_size=2, steps=1,
+                                    out=str(tmp_path))) as state:
         cfg = state.cfg
         batch = next_batches(state)[0]
         out, balance = state.model(batch["input_ids"], batch["labels"], aux_weight=1.0)
@@ -41,8 +39,6 @@ def test_plan_components_match_what_the_engine_holds(preset, tmp_path):
         state.optimizer.step()
         measured["optimizer"] = _storage_bytes(_local(v) for s in state.optimizer.state.values()
                                                for v in s.values() if torch.is_tensor(v))
-    finally:
-        close_distributed(state.dist)
     for key, checkpointing in (("activations", False), ("activations_ac", True)):
         measured[key] = saved_activation_bytes(NITPTransformer(cfg), batch["input_ids"], batch["labels"],
                                                checkpointing)
@@ -65,7 +61,7 @@ def test_command_line_plans_a_paper_preset_and_says_what_to_change(capsys):
 
 
 def test_readme_shows_the_plan_as_the_command_prints_it(capsys):
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (REPO / "README.md").read_text()
     command = "$ python -m engine.plan --preset moe-9b-a1b --gpus 8\n"
     shown = readme.split(command, 1)[1].split("```", 1)[0]
     main(command.split()[4:])

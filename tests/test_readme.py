@@ -1,8 +1,9 @@
 """The README's usage example runs as written."""
-import pathlib
 import re
 
-README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+from helpers import REPO
+
+README = REPO / "README.md"
 
 
 def test_readme_op_example_runs():

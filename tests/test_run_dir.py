@@ -5,29 +5,22 @@ before any data or model work, and a torn metrics line is dropped on resume."""
 
 import os
 import subprocess
-import sys
-import time
+
 import pytest
-from run_cases import SMALL, rows, small, steps_in
+from helpers import SMALL, cli_flags, metrics_rows, small, start_train, steps_in, wait_until
 
 from engine.checkpoint import list_checkpoints, validate_checkpoint
 from engine.run_dir import RunDirBusyError, RunDirError
 from engine.trainer import run
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 def test_kill_concurrent_start_and_torn_metrics_line(tmp_path):
     """A live run holds --out: a second one (--resume auto) is refused naming its pid. SIGKILL frees the
     lock; the resume then drops the torn metrics line the kill left and continues from the checkpoint."""
-    flags = [f"--{k.replace('_', '-')}={v}" for k, v in {**SMALL, "steps": 100000, "ckpt_every": 2}.items()]
-    proc = subprocess.Popen([sys.executable, "engine/train.py", *flags, f"--out={tmp_path}"], cwd=REPO,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    proc = start_train(*cli_flags({**SMALL, "steps": 100000, "ckpt_every": 2}), f"--out={tmp_path}",
+                       stdout=subprocess.DEVNULL)
     try:
-        deadline = time.time() + 120
-        while time.time() < deadline and not steps_in(tmp_path / "checkpoints") and proc.poll() is None:
-            time.sleep(0.1)
+        wait_until(lambda: steps_in(tmp_path / "checkpoints") or proc.poll() is not None)
         assert proc.poll() is None, proc.stderr.read()[-3000:]
         with pytest.raises(RunDirBusyError, match=rf"--out {tmp_path} is in use by another run \(pid {proc.pid} "):
             run(small(tmp_path, steps=4, resume="auto"))
@@ -39,7 +32,7 @@ def test_kill_concurrent_start_and_torn_metrics_line(tmp_path):
         f.write('{"step": 999, "loss": 4.8')  # what a kill in the middle of a write leaves
     with pytest.warns(UserWarning, match=r"metrics.jsonl: dropped 1 unreadable line"):
         run(small(tmp_path, steps=last + 2, resume="auto"))
-    assert [r["step"] for r in rows(tmp_path)] == list(range(1, last + 3))
+    assert [r["step"] for r in metrics_rows(tmp_path)] == list(range(1, last + 3))
     assert validate_checkpoint(tmp_path / "checkpoints" / f"step_{last + 2:08d}")["step"] == last + 2
 
 
@@ -54,7 +47,7 @@ def test_relaunch_without_resume_is_refused_and_overwrite_moves_the_earlier_run(
     # A finished run continued with --resume auto (what `make demo` does the second time): nothing to train.
     run(small(tmp_path, resume="auto"))
     assert "already at step 2 of --steps 2: nothing to train" in capsys.readouterr().out
-    assert [r["step"] for r in rows(tmp_path)] == [1, 2]
+    assert [r["step"] for r in metrics_rows(tmp_path)] == [1, 2]
     run(small(tmp_path, seed=1, overwrite=True))
     (previous,) = (tmp_path / "previous").iterdir()
     assert {p: p.read_bytes() for p in previous.rglob("*") if p.is_file()}.keys() == {
@@ -118,4 +111,4 @@ def test_resume_auto_without_checkpoints_keeps_the_earlier_log(tmp_path, capsys)
     (previous,) = (tmp_path / "previous").iterdir()
     assert (previous / "metrics.jsonl").read_text() == '{"step": 1, "loss": 5.0}\n'
     assert "the earlier run's log was moved to" in capsys.readouterr().out
-    assert [r["step"] for r in rows(tmp_path)] == [1, 2]
+    assert [r["step"] for r in metrics_rows(tmp_path)] == [1, 2]
