@@ -96,7 +96,7 @@ def make_inputs(n: int, d: int, vocab: int, *, seq_len: int = 1024, device: str 
 
 
 def flops_ratio(d: int, vocab: int) -> float:
-    """Theoretical NITP/NTP op cost: (6·V·d + 72·d²) / (6·V·d) = 1 + 12·d/V (DESIGN.md Appendix B)."""
+    """Theoretical NITP/NTP op cost: (6·V·d + 72·d²) / (6·V·d) = 1 + 12·d/V (docs/DESIGN.md §6)."""
     return (6 * vocab * d + 72 * d * d) / (6 * vocab * d)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from engine.config import PRESETS, make_config
 from engine.flops import full_count, paper_formula
 
-# The paper's own figures for the one model it states them for (DESIGN.md Appendix B).
+# The paper's own figures for the one model it states them for (docs/DESIGN.md §6).
 PAPER_QUOTED = {"moe-9b-a1b": {"flops_overhead": 0.023, "wall_clock_overhead": 0.018}}
 
 

@@ -1,4 +1,4 @@
-"""Public functional API: fused_nitp_loss and fused_linear_cross_entropy (DESIGN.md section 3)."""
+"""Public functional API: fused_nitp_loss and fused_linear_cross_entropy (docs/DESIGN.md §3)."""
 from __future__ import annotations
 
 import os
@@ -101,7 +101,7 @@ def fused_nitp_loss(
     (labels[t] is token t+1), ignore_index marks positions without a label. lm_weight: (V, d).
     projector: an NITPProjector, (w_gate (H, d), w_up (H, d), w_down (d, H)), or None (P = identity).
     The NITP target of position t is shallow[t + shift] of the same sequence (stop-gradient by default).
-    See DESIGN.md section 3 for the exact semantics shared by every backend. return_grad_norms=True adds the
+    See docs/DESIGN.md §3 for the exact semantics shared by every backend. return_grad_norms=True adds the
     norms of the CE and NITP parts of d hidden to the output (training diagnostics for tuning λ).
     """
     options = validate_options(

@@ -1,5 +1,5 @@
 """Shared test helpers for the fused ops: a seeded pairwise covering array of the option factors, input
-builders, and the comparison rules of DESIGN.md (relative error in fp64/fp32, Cut Cross-Entropy's rule in
+builders, and the comparison rules of docs/DESIGN.md §3 (relative error in fp64/fp32, Cut Cross-Entropy's rule in
 low precision)."""
 from __future__ import annotations
 
@@ -170,7 +170,7 @@ def check_against_reference(inputs: OpInputs, backend: str, tol: float) -> None:
 
 
 def check_low_precision(inputs: OpInputs, dtype: torch.dtype, backend: str) -> None:
-    """DESIGN.md's rule in `dtype` against the fp64 truth computed from exactly the rounded inputs.
+    """docs/DESIGN.md's rule in `dtype` against the fp64 truth computed from exactly the rounded inputs.
 
     The gradients are formed in forward and stored in `dtype`; backward's scaling by a grad_output other than
     1 rounds them a second time (the scheme of Liger's FLCE). That one extra rounding, at most half an ulp

@@ -67,7 +67,7 @@ def check_step_and_paper_table(smoke):
         assert _positive(config["objectives"][objective]["tokens_per_s"])
     rows = {row["preset"]: row for row in smoke[1]["paper_table"]}
     assert len(rows) == 6 and all(_positive(r["full_count"]["overhead"]) for r in rows.values())
-    # DESIGN.md Appendix B: 9B-A1B, 72 d^2 + 18 d over 24 (18 d^2 + 18·9·d·640) + 6·152064·d at d = 1280
+    # docs/DESIGN.md §6: 9B-A1B, 72 d^2 + 18 d over 24 (18 d^2 + 18·9·d·640) + 6·152064·d at d = 1280
     d = 1280
     expected = (72 * d * d + 18 * d) / (24 * (18 * d * d + 18 * 9 * d * 640) + 6 * 152064 * d)
     assert rows["moe-9b-a1b"]["paper_formula"]["overhead"] == pytest.approx(expected, rel=1e-9)

@@ -1,4 +1,4 @@
-"""The memory contract of DESIGN.md section 3: what the fused op keeps for backward is exactly the gradient
+"""The memory contract of docs/DESIGN.md §3: what the fused op keeps for backward is exactly the gradient
 buffers (d hidden, d lm_weight, the projector's weight gradients) plus at most 1 MiB, counted by storage through
 saved-tensor hooks; evaluation keeps nothing."""
 import pytest

@@ -1,5 +1,5 @@
 """The torch backend against the reference backend over a pairwise covering array of every option factor,
-in float64, float32 and bfloat16 (DESIGN.md section 3 tolerances), plus a full cross product of the NITP
+in float64, float32 and bfloat16 (docs/DESIGN.md §3 tolerances), plus a full cross product of the NITP
 factors in float64."""
 import itertools
 

@@ -3,7 +3,7 @@
 On CPU the kernels run through Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1), which is slow,
 so instead of the torch backend's full covering array this runs a smaller one over the same factors
 (tests/op_cases.py): every value of every factor appears at least twice, and chunk_size=1 is left out (it only
-multiplies kernel launches). fp32 must match the fp32 reference to 1e-5 relative; fp16 and bf16 follow DESIGN.md's
+multiplies kernel launches). fp32 must match the fp32 reference to 1e-5 relative; fp16 and bf16 follow docs/DESIGN.md's
 low-precision rule (the kernels contain no tl.dot, so the interpreter's bf16 dot problem does not arise).
 """
 from __future__ import annotations

@@ -7,7 +7,7 @@ awkward sizes that take the large-vocabulary config (V > 8192), at the paper's r
 V=152064), and with an out-of-range label, which must fail with an error naming `labels` and read nothing out of
 bounds.
 
-Tolerances (DESIGN.md section 3): fp32 relative error <= 1e-5 against the fp32 reference; bf16 per tensor
+Tolerances (docs/DESIGN.md §3): fp32 relative error <= 1e-5 against the fp32 reference; bf16 per tensor
 max-abs error against the fp64 truth <= that of the reference run in bf16 + 1e-3 * max|truth|.
 """
 from __future__ import annotations

@@ -36,7 +36,7 @@ def device(request) -> str:
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, rel: float, name: str) -> None:
-    """max |actual - expected| <= rel * max(|expected|, tiny): a per-tensor relative error, as DESIGN.md uses."""
+    """max |actual - expected| <= rel * max(|expected|, tiny): a per-tensor relative error, as docs/DESIGN.md uses."""
     err = (actual.cpu().double() - expected.cpu().double()).abs().max().item()
     bound = rel * max(expected.double().abs().max().item(), 1e-12)
     assert err <= bound, f"{name}: max abs error {err:.3e} > {bound:.3e}"
