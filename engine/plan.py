@@ -15,7 +15,8 @@ parameter shapes (built on the meta device, so nothing is allocated):
   saved gradient buffers (d hidden, d lm_weight, the projector's weight gradients). With
   activation checkpointing only each block's input is kept, and backward recomputes one block
   at a time (``recompute_bytes``);
-- the fused loss's transient memory: one chunk's logits and projector activations;
+- the fused loss's transient memory: the larger of one CE chunk's logits and one NITP chunk's projector
+  activations (the op's two passes do not overlap);
 - FSDP2's transient memory: two blocks' unsharded parameters in the compute dtype (the current
   one and the prefetched next), the output module's (kept unsharded from forward to backward)
   and one block's unsharded fp32 gradients before the reduce-scatter.
@@ -41,7 +42,8 @@ import torch
 from engine.config import PRESETS, TrainConfig, _parse_bool, make_config, resolve_micro_batch_size, validate
 from engine.flops import training_flops_per_token
 from engine.model import NITPTransformer
-from nitp_kernels.chunked import default_chunk_size
+from nitp_kernels import default_chunk_size
+from nitp_kernels.chunked import nitp_chunk_size
 
 GIB = 2 ** 30
 ADAMW_STATES = 2
@@ -146,8 +148,14 @@ def make_plan(cfg: TrainConfig, gpus: int, *, gpu_mem_gib: float = 80.0, micro_b
               for i in range(cfg.n_layers)]
     output = output_activation_bytes(cfg, tokens, kernels, elem)
     block_inputs = cfg.n_layers * tokens * cfg.d_model * elem
-    rows = min(default_chunk_size(tokens, cfg.d_model, cfg.vocab_size), tokens)
-    loss_transient = rows * (cfg.vocab_size + 3 * cfg.nitp_projector_mult * cfg.d_model) * 4
+    # The op's two passes do not overlap: the CE pass holds one logits chunk (in the compute dtype on CUDA, fp32
+    # on CPU), the NITP pass its projector activations (fp32 values, nitp_chunk_size's per-row count).
+    logits_dtype = torch.bfloat16 if kernels == "cuda" else torch.float32
+    ce_rows = default_chunk_size(tokens, cfg.d_model, cfg.vocab_size, logits_dtype)
+    width = cfg.nitp_projector_mult * cfg.d_model
+    nitp_rows = nitp_chunk_size(tokens, cfg.d_model, width, cfg.vocab_size)
+    loss_transient = max(ce_rows * cfg.vocab_size * logits_dtype.itemsize,
+                         nitp_rows * (8 * width + 4 * cfg.d_model) * 4)
     block_params = max(sum(math.prod(s) for n, s in shapes.items() if n.startswith(f"backbone.layers.{i}."))
                        for i in range(cfg.n_layers))
     output_params = sum(math.prod(s) for n, s in shapes.items() if n.startswith("output."))
