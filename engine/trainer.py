@@ -338,6 +338,10 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         if ckpt.last_saved_step != state.step and cfg.steps > 0:  # --steps 0 only builds and writes config.json
             ckpt.save(state)  # the end of the run, or a stop signal
         ckpt.finalize()
+        if info.world_size > 1:
+            # leave together: rank 0 commits checkpoints after the others are done with them, and a rank that
+            # tears its process group down while a peer still works on rank-0-only IO can abort gloo's threads
+            dist.barrier()
         if stop.received and info.is_main:
             print(f"received {stop.received}: saved a checkpoint at step {state.step} in {ckpt.root}; "
                   "exiting (continue with --resume auto)", flush=True)

@@ -136,7 +136,8 @@ dist.init_process_group("gloo")
 def torchrun(tmp_path: Path, driver: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run `driver` (Python source) on two processes in one torchrun start; assert it succeeded."""
     script = tmp_path / "driver.py"
-    script.write_text(_DRIVER_PRELUDE + driver + "\ndist.destroy_process_group()\n")
+    # a barrier before leaving: a rank that destroys its group while a peer still works can abort gloo
+    script.write_text(_DRIVER_PRELUDE + driver + "\ndist.barrier()\ndist.destroy_process_group()\n")
     return succeeded(run_python(*TORCHRUN, str(script), str(REPO), *args, timeout=timeout))
 
 
