@@ -25,15 +25,37 @@ def cpu_model() -> str:
 
 
 def git_commit() -> str | None:
+    """HEAD (+dirty when the code folders differ from it); where the tree is a copy without .git (a GPU machine
+    that got only the files), the GIT_COMMIT environment variable, marked as given rather than read."""
+    given = os.environ.get("GIT_COMMIT")
+    fallback = f"{given} (from GIT_COMMIT)" if given else None
     try:
         done = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO, timeout=10)
         dirty = subprocess.run(["git", "status", "--porcelain", "--", "nitp_kernels", "engine", "benchmarks"],
                                capture_output=True, text=True, cwd=REPO, timeout=10)
     except (OSError, subprocess.SubprocessError):
-        return None
+        return fallback
     if done.returncode != 0:
-        return None
+        return fallback
     return done.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
+def nvidia_driver() -> str | None:
+    """The NVIDIA driver version (nvidia-smi, else /proc/driver/nvidia/version), or None."""
+    try:
+        done = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                              capture_output=True, text=True, timeout=20)
+        if done.returncode == 0 and done.stdout.strip():
+            return done.stdout.strip().splitlines()[0]
+    except (OSError, subprocess.SubprocessError):
+        pass
+    try:
+        with open("/proc/driver/nvidia/version") as f:
+            words = f.readline().split()
+    except OSError:
+        return None
+    numbers = [w for w in words if w[:1].isdigit() and "." in w]
+    return numbers[0] if numbers else None
 
 
 def _package(name: str) -> str | None:
@@ -61,7 +83,8 @@ def environment(device: torch.device) -> dict:
         env[package] = _package(package)
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        env.update(gpu=props.name, gpu_memory_bytes=props.total_memory, cuda=torch.version.cuda)
+        env.update(gpu=props.name, gpu_memory_bytes=props.total_memory, cuda=torch.version.cuda,
+                   driver=nvidia_driver())
     return env
 
 

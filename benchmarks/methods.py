@@ -1,20 +1,28 @@
-"""The op-level contenders (issue 6, item 1, methods a-g): each a closure computing one scalar loss.
+"""The contenders, each a closure computing one scalar loss on shared inputs (`OpInputs`).
+
+`make bench` (op level, letters a-g) and the GPU check (benchmarks/gpu_check.py) draw from this one registry:
 
     a naive_ntp            logits materialised, F.cross_entropy in fp32
-    b flce_ours            nitp_kernels.fused_linear_cross_entropy (backend "auto")
-    c liger_flce           Liger-Kernel's LigerFusedLinearCrossEntropyLoss (CUDA only, see below)
-    d cce                  Apple's Cut Cross-Entropy: its Triton kernel on CUDA, impl="torch_compile" on CPU
-    e compiled_chunked_ce  a torch.compile'd chunked CE, gradients formed in forward (the pure-PyTorch peer)
+    b ours_ntp             nitp_kernels.fused_linear_cross_entropy
+    c liger_flce           Liger-Kernel's LigerFusedLinearCrossEntropyLoss, its defaults (with bf16 weights its
+                           weight-gradient buffer is bf16)
+    d cce                  Apple's Cut Cross-Entropy, its default impl (its Triton kernel on CUDA; make bench on a
+                           CPU uses impl="torch_compile")
+    e torch_compile_ce     a torch.compile'd chunked CE, gradients formed in forward (the pure-PyTorch peer)
     f naive_nitp           fused_nitp_loss(backend="reference"): logits and projector activations materialised
-    g nitp_ours            nitp_kernels.fused_nitp_loss (backend "auto"), cosine, projector H = 4d
-
-All share one set of inputs (`OpInputs`), so every method reads the same tensors and the losses can be compared.
-A method that cannot run here raises `MethodSkipped` with the reason, and the report lists it as skipped.
+    g ours_nitp            nitp_kernels.fused_nitp_loss, cosine, projector H = 4d
+      ours_nitp_<type>     the same with loss_type mse, smooth_l1 or kl
+      liger_flce_fp32      Liger's FLCE with accum_dtype=torch.float32 (an fp32 weight-gradient buffer, as ours)
+      cce_kahan_full_c     CCE with impl="cce_kahan_full_c", where the installed version has that impl
+      unfused_nitp         Liger's FLCE plus a plain PyTorch NITP head (SwiGLU projector, cosine loss against the
+                           shifted stop-gradient shallow rows): what a user writes without this library
+A method that cannot run here raises `MethodSkipped` with the reason.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
 from typing import Callable
 
 import torch
@@ -23,12 +31,16 @@ import torch.nn.functional as F
 from nitp_kernels import NITPProjector, fused_linear_cross_entropy, fused_nitp_loss
 
 IGNORE_INDEX = -100
-METHODS = ("naive_ntp", "flce_ours", "liger_flce", "cce", "compiled_chunked_ce", "naive_nitp", "nitp_ours")
+METHODS = ("naive_ntp", "ours_ntp", "liger_flce", "cce", "torch_compile_ce", "naive_nitp", "ours_nitp")
 LETTERS = dict(zip(METHODS, "abcdefg"))
-NTP_METHODS = ("naive_ntp", "flce_ours", "liger_flce", "cce", "compiled_chunked_ce")
-NITP_METHODS = ("naive_nitp", "nitp_ours")
-COMPILED_METHODS = ("compiled_chunked_ce", "cce")  # compile on first call (CCE on CPU, always ours)
+NTP_METHODS = ("naive_ntp", "ours_ntp", "liger_flce", "cce", "torch_compile_ce")
+NITP_METHODS = ("naive_nitp", "ours_nitp")
+COMPILED_METHODS = ("torch_compile_ce", "cce")  # compile on first call (CCE on CPU, always ours)
 MATERIALISING_METHODS = ("naive_ntp", "naive_nitp")  # hold N x V logits
+NITP_LOSS_TYPES = ("mse", "smooth_l1", "kl")  # besides cosine
+EXTRA_METHODS = ("liger_flce_fp32", "cce_kahan_full_c", "unfused_nitp",
+                 *(f"ours_nitp_{loss_type}" for loss_type in NITP_LOSS_TYPES))
+ALL_METHODS = METHODS + EXTRA_METHODS
 
 
 class MethodSkipped(Exception):
@@ -56,26 +68,31 @@ class OpInputs:
 
 def make_inputs(n: int, d: int, vocab: int, *, seq_len: int = 1024, device: str = "cpu",
                 dtype: torch.dtype = torch.float32, seed: int = 0) -> OpInputs:
-    """Random inputs at the scale a trained model sees (unit-variance hidden, lm_weight ~ N(0, 1/d))."""
+    """Random inputs at the scale a trained model sees (unit-variance hidden, lm_weight ~ N(0, 1/d)).
+
+    Drawn on `device` (a CUDA generator on a GPU: a V x d weight drawn on the CPU takes seconds), so the values
+    depend on the device; every method of one run sees the same ones.
+    """
     for name, value in (("n", n), ("d", d), ("vocab", vocab), ("seq_len", seq_len)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
     seq_len = min(seq_len, n)
     if n % seq_len:
         raise ValueError(f"n={n} must be a multiple of seq_len={seq_len}")
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device=device).manual_seed(seed)
 
     def randn(*shape: int, scale: float = 1.0) -> torch.Tensor:
-        return (scale * torch.randn(*shape, generator=gen)).to(device=device, dtype=dtype).requires_grad_()
+        values = torch.randn(*shape, generator=gen, device=device)
+        return (scale * values).to(dtype).requires_grad_()
 
-    labels = torch.randint(0, vocab, (n,), generator=gen)
+    labels = torch.randint(0, vocab, (n,), generator=gen, device=device)
     labels[::97] = IGNORE_INDEX  # a few ignored positions, as packed batches have
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        projector = NITPProjector(d, device=device, dtype=dtype)
+        projector = NITPProjector(d, dtype=dtype).to(device)
     # shallow is a stop-gradient target: it needs no gradient, like hidden_states[k] inside the fused op
     shallow = randn(n, d).detach()
-    return OpInputs(randn(n, d), shallow, randn(vocab, d, scale=d ** -0.5), labels.to(device), projector, seq_len)
+    return OpInputs(randn(n, d), shallow, randn(vocab, d, scale=d ** -0.5), labels, projector, seq_len)
 
 
 def flops_ratio(d: int, vocab: int) -> float:
@@ -120,48 +137,123 @@ def _ce_chunk(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor) -> tuple[torch.
     return loss, (grad * valid[:, None]).to(h.dtype)
 
 
-_COMPILED_CE_CHUNK: Callable | None = None
+_COMPILED_CE_CHUNK: dict[tuple[str, bool], Callable] = {}
 
 
-def compiled_chunked_ce(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean CE of hidden @ weight.T; chunks sized as Liger does (a chunk's logits ~ N·d elements)."""
-    global _COMPILED_CE_CHUNK
-    if _COMPILED_CE_CHUNK is None:
-        _COMPILED_CE_CHUNK = torch.compile(_ce_chunk, dynamic=False)
+def torch_compile_ce(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
+                     compile_backend: str = "inductor", dynamic: bool = False) -> torch.Tensor:
+    """Mean CE of hidden @ weight.T; chunks sized as Liger does (a chunk's logits ~ N·d elements).
+
+    dynamic=True compiles once for every shape (the GPU check: one compilation instead of one per shape);
+    compile_backend="aot_eager" traces without generating code (the GPU check's CPU dry run).
+    """
+    key = (compile_backend, dynamic)
+    if key not in _COMPILED_CE_CHUNK:
+        _COMPILED_CE_CHUNK[key] = torch.compile(_ce_chunk, dynamic=dynamic, backend=compile_backend)
     n, d = hidden.shape
     chunk = 1 << max(0, math.ceil(math.log2(max(1, math.ceil(n / math.ceil(weight.shape[0] / d))))))
-    return _ChunkedCE.apply(hidden, weight, labels, _COMPILED_CE_CHUNK, chunk)
+    return _ChunkedCE.apply(hidden, weight, labels, _COMPILED_CE_CHUNK[key], chunk)
 
 
-def build_method(name: str, x: OpInputs) -> Callable[[], torch.Tensor]:
-    """A closure returning the scalar loss of method `name` on x; raises MethodSkipped where it cannot run."""
+def shifted_nitp_pairs(hidden: torch.Tensor, shallow: torch.Tensor, labels: torch.Tensor, seq_len: int,
+                       shift: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(h rows t, stop-gradient shallow rows t + shift, mask of rows with a label), each (B, T - shift, ...)."""
+    d = hidden.shape[-1]
+    h = hidden.view(-1, seq_len, d)[:, : seq_len - shift]
+    target = shallow.detach().view(-1, seq_len, d)[:, shift:]
+    mask = labels.view(-1, seq_len)[:, : seq_len - shift] != IGNORE_INDEX
+    return h, target, mask
+
+
+def unfused_nitp_head(x: OpInputs) -> torch.Tensor:
+    """The NITP loss as a user writes it today: the projector module, then 1 - cosine in fp32, masked mean."""
+    h, target, mask = shifted_nitp_pairs(x.hidden, x.shallow, x.labels, x.seq_len)
+    rows = 1.0 - F.cosine_similarity(x.projector(h).float(), target.float(), dim=-1)
+    return rows[mask].mean()
+
+
+def _package_version(name: str) -> str | None:
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
+
+
+def _liger_loss(accum_dtype: torch.dtype | None, on_cuda: bool, interpreter: bool):
+    if not on_cuda and not interpreter:
+        raise MethodSkipped("Liger's FLCE is Triton-only; on a CPU it would run under the Triton interpreter "
+                            "(TRITON_INTERPRET=1), element by element in Python: unreasonably slow")
+    try:
+        from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
+    except ImportError as err:
+        raise MethodSkipped(f"liger-kernel is not importable: {err}") from err
+    return LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX, accum_dtype=accum_dtype)
+
+
+def _cce_impl(name: str, on_cuda: bool, cpu_impl: str | None) -> str:
+    """The impl string CCE gets for method `name`, or MethodSkipped with the reason."""
+    if name == "cce_kahan_full_c":
+        import importlib
+
+        import cut_cross_entropy
+
+        # newer versions export the enum; 25.1.1 keeps it in the submodule (whose name the package's
+        # linear_cross_entropy function shadows as an attribute, hence import_module)
+        impls = getattr(cut_cross_entropy, "LinearCrossEntropyImpl", None) or getattr(
+            importlib.import_module("cut_cross_entropy.linear_cross_entropy"), "LinearCrossEntropyImpl", None)
+        if impls is None or "CCE_KAHAN_FULL_C" not in impls.__members__:
+            known = sorted(m.lower() for m in impls.__members__) if impls is not None else []
+            raise MethodSkipped(f"cut-cross-entropy {_package_version('cut-cross-entropy')} has no impl "
+                                f"'cce_kahan_full_c' (it has {known}); the Kahan variants exist only in sources "
+                                "newer than its latest release on PyPI, 25.1.1")
+        if not on_cuda:
+            raise MethodSkipped("no CPU path: CCE's Kahan variants exist only as Triton kernels (bf16 tl.dot, "
+                                "which Triton's interpreter computes wrongly)")
+        return "cce_kahan_full_c"
+    if on_cuda:
+        return "cce"
+    if cpu_impl is None:
+        raise MethodSkipped("no CPU path here: CCE's default impl is a Triton kernel with bf16 tl.dot, which "
+                            "Triton's interpreter computes wrongly; its torch_compile impl costs ~50 s of "
+                            "compilation on 2 cores")
+    return cpu_impl
+
+
+def build_method(name: str, x: OpInputs, *, backend: str = "auto", triton_interpreter: bool = False,
+                 compile_backend: str = "inductor", compile_dynamic: bool = False,
+                 cce_cpu_impl: str | None = "torch_compile") -> Callable[[], torch.Tensor]:
+    """A closure returning the scalar loss of method `name` on x; raises MethodSkipped where it cannot run.
+
+    backend: our ops' backend. triton_interpreter: on a CPU, run Triton-only competitors (Liger) through
+    Triton's interpreter (tiny shapes only). compile_*: torch_compile_ce's torch.compile settings.
+    cce_cpu_impl: CCE's impl on a CPU (None: CCE is unavailable there).
+    """
     h, w, y = x.hidden, x.lm_weight, x.labels
     on_cuda = h.is_cuda
     if name == "naive_ntp":
         return lambda: F.cross_entropy((h @ w.T).float(), y, ignore_index=IGNORE_INDEX)
-    if name == "flce_ours":
-        return lambda: fused_linear_cross_entropy(h, w, y)
+    if name == "ours_ntp":
+        return lambda: fused_linear_cross_entropy(h, w, y, backend=backend)
     if name == "naive_nitp":
         return lambda: fused_nitp_loss(h, w, y, x.shallow, x.projector, seq_len=x.seq_len, backend="reference").loss
-    if name == "nitp_ours":
-        return lambda: fused_nitp_loss(h, w, y, x.shallow, x.projector, seq_len=x.seq_len).loss
-    if name == "compiled_chunked_ce":
-        return lambda: compiled_chunked_ce(h, w, y)
-    if name == "liger_flce":
-        if not on_cuda:
-            raise MethodSkipped("Liger's FLCE is Triton-only; on a CPU it would run under the Triton interpreter "
-                                "(TRITON_INTERPRET=1), element by element in Python: unreasonably slow")
-        try:
-            from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
-        except ImportError as err:
-            raise MethodSkipped(f"liger-kernel is not importable: {err}") from err
-        liger = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX)
+    if name == "ours_nitp" or name.startswith("ours_nitp_"):
+        loss_type = "cosine" if name == "ours_nitp" else name[len("ours_nitp_"):]
+        if loss_type not in ("cosine", *NITP_LOSS_TYPES):
+            raise ValueError(f"method must be one of {ALL_METHODS}, got {name!r}")
+        return lambda: fused_nitp_loss(h, w, y, x.shallow, x.projector, seq_len=x.seq_len, loss_type=loss_type,
+                                       backend=backend).loss
+    if name == "torch_compile_ce":
+        return lambda: torch_compile_ce(h, w, y, compile_backend=compile_backend, dynamic=compile_dynamic)
+    if name in ("liger_flce", "liger_flce_fp32", "unfused_nitp"):
+        liger = _liger_loss(torch.float32 if name == "liger_flce_fp32" else None, on_cuda, triton_interpreter)
+        if name == "unfused_nitp":
+            return lambda: liger(w, h, y) + unfused_nitp_head(x)
         return lambda: liger(w, h, y)
-    if name == "cce":
+    if name in ("cce", "cce_kahan_full_c"):
         try:
             from cut_cross_entropy import linear_cross_entropy
         except ImportError as err:
             raise MethodSkipped(f"cut-cross-entropy is not importable: {err}") from err
-        impl = "cce" if on_cuda else "torch_compile"
+        impl = _cce_impl(name, on_cuda, cce_cpu_impl)
         return lambda: linear_cross_entropy(h, w, y, ignore_index=IGNORE_INDEX, impl=impl)
-    raise ValueError(f"method must be one of {METHODS}, got {name!r}")
+    raise ValueError(f"method must be one of {ALL_METHODS}, got {name!r}")

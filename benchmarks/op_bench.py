@@ -1,4 +1,4 @@
-"""Op level (issue 6, item 1): forward + backward of methods a-g, side by side, over a grid of N, d, V.
+"""Op level: forward + backward of methods a-g, side by side, over a grid of N, d, V.
 
 Per shape, in one process on the same inputs: a first call of each method under saved-tensor hooks (the bytes it
 keeps for backward, counted by storage; also its warm-up and its loss value, checked against the others); more
@@ -41,7 +41,7 @@ class OpGrid:
 
     def __post_init__(self) -> None:
         if self.reps < 5:
-            raise ValueError(f"reps must be >= 5 (the issue's minimum for a median), got {self.reps}")
+            raise ValueError(f"reps must be >= 5 (the minimum for a median), got {self.reps}")
         if self.warmup < 1:
             raise ValueError(f"warmup must be >= 1, got {self.warmup}")
         unknown = sorted(set(self.methods) - set(METHODS))
@@ -52,7 +52,7 @@ class OpGrid:
 
 
 def grid_for(device: torch.device, mode: str) -> OpGrid:
-    """The issue's grids: 'full' (CPU: N 2048/8192, d 512/1024, V 32000/152064; CUDA: its own), 'quick', 'smoke'."""
+    """The grids: 'full' (CPU: N 2048/8192, d 512/1024, V 32000/152064; CUDA: its own), 'quick', 'smoke'."""
     if mode not in ("full", "quick", "smoke"):
         raise ValueError(f"mode must be full, quick or smoke, got {mode!r}")
     if device.type == "cuda":
@@ -66,7 +66,7 @@ def grid_for(device: torch.device, mode: str) -> OpGrid:
         return OpGrid([512], [512], [32000], seq_len=512)
     # smoke: seconds, no compiler (compiled methods cost ~30 s of compilation from a cold cache)
     return OpGrid([256], [64], [1000], seq_len=128, rss=False,
-                  methods=["naive_ntp", "flce_ours", "liger_flce", "naive_nitp", "nitp_ours"])
+                  methods=["naive_ntp", "ours_ntp", "liger_flce", "naive_nitp", "ours_nitp"])
 
 
 def _available_bytes(device: torch.device) -> int:
@@ -176,31 +176,31 @@ def shape_ratios(shape: dict) -> dict:
     memory_key = "peak_extra_bytes" if any("peak_extra_bytes" in r for r in rec.values()) else "peak_rss_extra_bytes"
     ntp_ran = {name: get(name, "time_ms_median") for name in NTP_METHODS if get(name, "time_ms_median")}
     best = min(ntp_ran, key=ntp_ran.get) if ntp_ran else None
-    others = {k: v for k, v in ntp_ran.items() if k != "flce_ours"}
+    others = {k: v for k, v in ntp_ran.items() if k != "ours_ntp"}
     best_other = min(others, key=others.get) if others else None
     # measured, not assumed: a method that keeps fewer bytes for backward than the N x V fp32 logits
     logits_bytes = 4 * shape["n"] * shape["vocab"]
     low_memory = {k: v for k, v in ntp_ran.items() if (get(k, "saved_new_bytes") or 0) < logits_bytes}
     best_low = min(low_memory, key=low_memory.get) if low_memory else None
-    g_all, b_all = rec.get("nitp_ours", {}).get("time_ms_all"), rec.get("flce_ours", {}).get("time_ms_all")
+    g_all, b_all = rec.get("ours_nitp", {}).get("time_ms_all"), rec.get("ours_ntp", {}).get("time_ms_all")
     paired = median([g / b for g, b in zip(g_all, b_all)]) if g_all and b_all else None
     return {
         "flops_ratio": shape["flops_ratio"],
-        "nitp_over_ntp_time": _ratio(get("nitp_ours", "time_ms_median"), get("flce_ours", "time_ms_median")),
+        "nitp_over_ntp_time": _ratio(get("ours_nitp", "time_ms_median"), get("ours_ntp", "time_ms_median")),
         # median over rounds of g/b within the same round: less exposed to load that drifts between rounds
         "nitp_over_ntp_time_paired": paired,
-        "nitp_over_ntp_saved_bytes": _ratio(get("nitp_ours", "saved_new_bytes"), get("flce_ours", "saved_new_bytes")),
-        "nitp_over_ntp_peak_memory": _ratio(get("nitp_ours", memory_key), get("flce_ours", memory_key)),
+        "nitp_over_ntp_saved_bytes": _ratio(get("ours_nitp", "saved_new_bytes"), get("ours_ntp", "saved_new_bytes")),
+        "nitp_over_ntp_peak_memory": _ratio(get("ours_nitp", memory_key), get("ours_ntp", memory_key)),
         "best_ntp_method": best,
-        "nitp_over_best_ntp_time": _ratio(get("nitp_ours", "time_ms_median"), ntp_ran.get(best) if best else None),
+        "nitp_over_best_ntp_time": _ratio(get("ours_nitp", "time_ms_median"), ntp_ran.get(best) if best else None),
         "best_other_ntp_method": best_other,
-        "nitp_over_best_other_ntp_time": _ratio(get("nitp_ours", "time_ms_median"),
+        "nitp_over_best_other_ntp_time": _ratio(get("ours_nitp", "time_ms_median"),
                                                 others.get(best_other) if best_other else None),
         "best_low_memory_ntp_method": best_low,
-        "nitp_over_best_low_memory_ntp_time": _ratio(get("nitp_ours", "time_ms_median"),
+        "nitp_over_best_low_memory_ntp_time": _ratio(get("ours_nitp", "time_ms_median"),
                                                      low_memory.get(best_low) if best_low else None),
-        "naive_nitp_over_nitp_time": _ratio(get("naive_nitp", "time_ms_median"), get("nitp_ours", "time_ms_median")),
-        "naive_ntp_over_flce_time": _ratio(get("naive_ntp", "time_ms_median"), get("flce_ours", "time_ms_median")),
+        "naive_nitp_over_nitp_time": _ratio(get("naive_nitp", "time_ms_median"), get("ours_nitp", "time_ms_median")),
+        "naive_ntp_over_flce_time": _ratio(get("naive_ntp", "time_ms_median"), get("ours_ntp", "time_ms_median")),
     }
 
 

@@ -1,4 +1,4 @@
-"""The paper's table (issue 6, item 3): theoretical NITP overhead of every Table 4 preset, both FLOPs counts.
+"""The paper's table: theoretical NITP overhead of every Table 4 preset, both FLOPs counts.
 
 Computed by engine.flops: the paper's Appendix G formula (attention term from the config, no attention scores,
 no router) and the full count (every matmul, attention scores 12·L·h·q·T at the preset's T = 8192 not halved

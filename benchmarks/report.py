@@ -1,4 +1,4 @@
-"""Output (issue 6, item 4): tables on the terminal, the JSON file and a PNG chart of measured vs theoretical.
+"""Output: tables on the terminal, the JSON file and a PNG chart of measured vs theoretical.
 
 Files go to OUT/bench-YYYYmmdd-HHMMSS.{json,png}, copied to OUT/latest.{json,png}. Small on purpose (KBs).
 """
@@ -21,14 +21,14 @@ def _fmt(value, spec: str, missing: str = "-") -> str:
 
 
 def op_table(op: dict) -> str:
-    """Per shape: one row per method (time, vs ours, memory), then the ratios the issue asks for."""
+    """Per shape: one row per method (time, vs ours, memory), then the NITP-overhead ratios."""
     lines = ["== op level: forward + backward (median ms; memory in MiB) =="]
     for shape in op["shapes"]:
         recs, r = shape["methods"], shape["ratios"]
         memory = "cuda peak" if any("peak_extra_bytes" in m for m in recs.values()) else "peak RSS"
         lines.append(f"N={shape['n']} d={shape['d']} V={shape['vocab']} ({shape['dtype']})")
         lines.append(f"    {'method':24s} {'ms':>10s} {'x b':>7s} {'saved':>9s} {memory:>9s}")
-        base = recs.get("flce_ours", {}).get("time_ms_median")
+        base = recs.get("ours_ntp", {}).get("time_ms_median")
         for name in METHODS:
             rec = recs.get(name)
             if rec is None:

@@ -1,6 +1,6 @@
 """One op-level method, once, in a fresh process: its peak resident memory above the process's own baseline.
 
-    python -m benchmarks.rss_probe --method nitp_ours --n 2048 --d 512 --vocab 32000 [--seq-len 1024]
+    python -m benchmarks.rss_probe --method ours_nitp --n 2048 --d 512 --vocab 32000 [--seq-len 1024]
 
 Prints one JSON object. The inputs are made first (they are not counted); a method that compiles (see
 methods.COMPILED_METHODS) is run once before at the same shape, so the compiler's own memory is not counted

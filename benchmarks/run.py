@@ -1,6 +1,6 @@
 """`make bench`: what NITP costs over NTP, op level and step level, and the paper presets' theoretical overhead.
 
-    python -m benchmarks.run                 # the issue's grid (CPU: N 2048/8192, d 512/1024, V 32000/152064)
+    python -m benchmarks.run                 # the full grid (CPU: N 2048/8192, d 512/1024, V 32000/152064)
     python -m benchmarks.run --quick         # one op shape and the two step configs: a few minutes on 2 cores
     python -m benchmarks.run --only paper    # just the theoretical table
     python -m benchmarks.run --n 2048 --d 512 1024 --vocab 32000   # a grid of your own

@@ -1,4 +1,4 @@
-"""Step level (issue 6, item 2): one whole training step (forward, backward, optimizer), NTP against NITP.
+"""Step level: one whole training step (forward, backward, optimizer), NTP against NITP.
 
 The engine's own code path: `build_state` (FSDP2 over a world of one, AdamW, the fused loss) and `train_step`,
 on the engine's synthetic data. Both objectives are built in this one process from the same seed and timed in
@@ -10,6 +10,8 @@ CUDA: max_memory_allocated).
 """
 from __future__ import annotations
 
+import os
+import tempfile
 from typing import Any, Callable
 
 import torch
@@ -26,25 +28,38 @@ SMOKE_OVERRIDES = dict(seq_len=32, batch_size=2, micro_batch_size=2, vocab_size=
                        n_heads=2, n_kv_heads=1, ffn_hidden=128, nitp_layer=1)
 
 
-def _build(name: str, objective: str, smoke: bool):
+def _build(name: str, objective: str, smoke: bool, out: str):
     from engine.config import make_config
     from engine.trainer import build_state
 
     overrides = {**STEP_CONFIGS[name], **(SMOKE_OVERRIDES if smoke else {})}
-    cfg = make_config("tiny", objective=objective, data="synthetic", **overrides)
+    # a run directory of its own: the engine claims (locks) --out, and two states share this process
+    cfg = make_config("tiny", objective=objective, data="synthetic", out=out, **overrides)
     return build_state(cfg)
+
+
+def _release(states: dict) -> None:
+    """Free each state's run directory and leave the process group (the first state built owns it)."""
+    from engine.parallel import close_distributed
+
+    for state in reversed(list(states.values())):
+        close = getattr(state, "close", None)  # engines that lock --out release it here
+        if close is not None:
+            close()
+        else:
+            close_distributed(state.dist)
 
 
 def bench_config(name: str, *, reps: int, warmup: int, smoke: bool, peak_flops: float | None,
                  log: Callable[[str], None] = print) -> dict:
     """NTP and NITP steps of one config, interleaved; figures and ratios."""
     from engine.flops import full_count, paper_formula
-    from engine.parallel import close_distributed
     from engine.trainer import next_batches, train_step
 
-    states = {"ntp": _build(name, "ntp", smoke)}
+    run_dirs = tempfile.TemporaryDirectory(prefix="step_bench_")
+    states = {"ntp": _build(name, "ntp", smoke, os.path.join(run_dirs.name, "ntp"))}
     try:
-        states["nitp"] = _build(name, "nitp", smoke)
+        states["nitp"] = _build(name, "nitp", smoke, os.path.join(run_dirs.name, "nitp"))
         cfg, device = states["nitp"].cfg, states["nitp"].dist.device
         batches = [next_batches(states["ntp"]) for _ in range(warmup + reps)]
         cursor = {"ntp": 0, "nitp": 0}
@@ -61,7 +76,8 @@ def bench_config(name: str, *, reps: int, warmup: int, smoke: bool, peak_flops: 
                   for obj, fn in fns.items()}
         params = {obj: state.model.num_params() for obj, state in states.items()}
     finally:
-        close_distributed(states["ntp"].dist)
+        _release(states)
+        run_dirs.cleanup()
 
     tokens = cfg.batch_size * cfg.seq_len
     full, paper = full_count(cfg), paper_formula(cfg)

@@ -5,7 +5,7 @@
 
 Trains one run per objective (same preset, seed, data order; only the objective differs) through
 engine.trainer.run, with validation CE and the geometry probe (engine/geometry.py) on, then
-writes to --out (default runs/compare/): one run directory per objective, ``compare.png`` (every
+writes to --out (default runs/compare/<UTC time>/, a fresh folder each time): one run directory per objective, ``compare.png`` (every
 run on shared axes: train CE, validation CE, NITP loss, effective rank and average cosine of the
 last hidden states, effective rank of the NITP target hidden_states[k]), ``summary.md`` (final
 values, the NITP loss's shape against the paper's three phases, corpus hash, machine) and
@@ -207,7 +207,10 @@ def markdown(summary: dict[str, Any], png_name: str) -> str:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="toy model on synthetic data (< 1 minute)")
-    parser.add_argument("--out", default="runs/compare", help="output directory (default runs/compare)")
+    # A fresh folder by default: the comparison times every run from scratch, and a run directory refuses a
+    # second run into it without --resume (engine/run_dir.py).
+    parser.add_argument("--out", default=None,
+                        help="output directory (default runs/compare/<UTC time>, a fresh one each time)")
     parser.add_argument("--docs", default=None,
                         help="also copy compare.png and summary.md here (default: docs/compare unless --quick)")
     parser.add_argument("--steps", type=int, default=None, help="override the number of steps")
@@ -225,6 +228,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         settings["steps"] = args.steps
     docs = args.docs if args.docs is not None else (None if args.quick else os.path.join("docs", "compare"))
 
+    if args.out is None:
+        args.out = os.path.join("runs", "compare", time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()))
     os.makedirs(args.out, exist_ok=True)
     results = train_all(settings, args.out, objectives)
     summary = summarize(results)

@@ -12,14 +12,29 @@ and decay ratio 0.2, context 8192, Qwen2 vocabulary (152064), and each model's N
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, fields
+import math
+import typing
+from dataclasses import dataclass, field, fields
 from typing import Any
+
+from engine.cli import TRACEBACK_HELP, OneLineArgumentParser, cli_errors
 
 OBJECTIVES = ("nitp", "ntp", "cosreg")
 NITP_LOSS_TYPES = ("cosine", "mse", "smooth_l1", "kl")
 BACKENDS = ("auto", "reference", "torch", "triton")
 DEVICES = ("auto", "cpu", "cuda")
 PARAM_DTYPES = ("auto", "fp32", "bf16")
+
+
+def parse_micro_batch(text: str) -> int | str:
+    """--micro-batch-size: "auto" or a positive integer."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return int(text)
+    except ValueError:  # argparse prints an ArgumentTypeError's message as it is
+        import argparse
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {text!r}") from None
 
 
 @dataclass
@@ -59,9 +74,12 @@ class TrainConfig:
     backend: str = "auto"          # nitp_kernels backend
     loss_chunk_size: int | None = None  # rows per chunk of the fused loss; None = the op's rule
     # --- optimisation ---
-    steps: int = 250
+    steps: int = 250               # 0: build model, optimizer and data, write config.json, exit
     batch_size: int = 4            # global sequences per optimizer step
-    micro_batch_size: int = 4      # sequences per rank per forward
+    # sequences per rank per forward: an int, or "auto" = the largest value <= max_micro_batch_size
+    # that divides batch_size / world_size (gradient accumulation takes the rest)
+    micro_batch_size: int | str = field(default="auto", metadata={"parse": parse_micro_batch})
+    max_micro_batch_size: int = 4  # the preset's memory-safe micro-batch: the cap of "auto"
     seq_len: int = 256
     lr: float = 2e-3
     min_lr_ratio: float = 0.0      # lr at the end of the decay phase, relative to lr
@@ -98,7 +116,8 @@ class TrainConfig:
     keep_last: int = 2             # complete checkpoints kept (0: all)
     max_bad_steps: int = 5         # stop after this many consecutive non-finite steps (0: never)
     async_ckpt: bool = False       # dcp.async_save: training continues while the files are written
-    init_from_hf: str | None = None  # start from a Hugging Face checkpoint folder (engine/export.py)
+    overwrite: bool = False        # an earlier run in --out is moved to <out>/previous/ (engine/run_dir.py)
+    init_from_hf: str | None = None  # start from a Hugging Face checkpoint folder (engine/model/hf_adapter.py)
 
     @property
     def head_dim(self) -> int:
@@ -113,7 +132,7 @@ class TrainConfig:
 
 
 _PAPER_RECIPE = dict(warmup_steps=2000, decay_ratio=0.2, weight_decay=0.1, beta1=0.9, beta2=0.95,
-                     grad_clip=1.0, seq_len=8192, micro_batch_size=1, vocab_size=152064,
+                     grad_clip=1.0, seq_len=8192, max_micro_batch_size=1, vocab_size=152064,
                      rope_theta=1e6, log_every=10, activation_checkpointing=True)
 _PAPER_MOE = dict(n_heads=8, n_kv_heads=4, ffn_hidden=10944, n_experts=144, moe_top_k=8,
                   n_shared_experts=1, n_dense_layers=1)
@@ -170,14 +189,86 @@ def _check(cond: bool, msg: str) -> None:
         raise ValueError(msg)
 
 
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+# Allowed ranges of the float fields: (low, low included, high, high included). Every float field,
+# listed here or not, must also be finite: inf and nan would train on NaN and exit 0.
+_FLOAT_RANGES: dict[str, tuple[float, bool, float, bool]] = {
+    "rope_theta": (0.0, False, math.inf, False), "norm_eps": (0.0, False, math.inf, False),
+    "init_std": (0.0, False, math.inf, False), "lr": (0.0, False, math.inf, False),
+    "peak_tflops": (0.0, False, math.inf, False),
+    "nitp_weight": (0.0, True, math.inf, False), "z_loss_weight": (0.0, True, math.inf, False),
+    "moe_aux_weight": (0.0, True, math.inf, False), "weight_decay": (0.0, True, math.inf, False),
+    "grad_clip": (0.0, True, math.inf, False),
+    "min_lr_ratio": (0.0, True, 1.0, True), "decay_ratio": (0.0, True, 1.0, True),
+    "beta1": (0.0, True, 1.0, False), "beta2": (0.0, True, 1.0, False),
+    "val_fraction": (0.0, True, 1.0, False),
+}
+
+
+def _allowed(low: float, low_in: bool, high: float, high_in: bool) -> str:
+    if high == math.inf:
+        return f"a finite number {'>=' if low_in else '>'} {low:g}"
+    return f"a number in {'[' if low_in else '('}{low:g}, {high:g}{']' if high_in else ')'}"
+
+
+def _check_numbers(cfg: TrainConfig) -> None:
+    """Every number field has its type (int or float, never bool), floats are finite and in range."""
+    hints = typing.get_type_hints(TrainConfig)
+    for f in fields(TrainConfig):
+        value, kinds = getattr(cfg, f.name), set(typing.get_args(hints[f.name])) or {hints[f.name]}
+        if value is None and type(None) in kinds or kinds - {type(None)} not in ({int}, {float}):
+            continue  # optional and unset, or not a plain number field (strings, "auto" or an int)
+        if float in kinds:
+            allowed = _allowed(*_FLOAT_RANGES[f.name]) if f.name in _FLOAT_RANGES else "a finite number"
+            low, low_in, high, high_in = _FLOAT_RANGES.get(f.name, (-math.inf, False, math.inf, False))
+            _check(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+                   and (value >= low if low_in else value > low) and (value <= high if high_in else value < high),
+                   f"{_flag(f.name)} must be {allowed}, got {value!r}")
+        else:
+            _check(isinstance(value, int) and not isinstance(value, bool),
+                   f"{_flag(f.name)} must be an integer, got {value!r}")
+    _check(cfg.seed >= 0, f"--seed must be an integer >= 0, got {cfg.seed}")
+
+
+def _check_data_settings(cfg: TrainConfig) -> None:
+    """What the data pipeline would refuse only after preparing the data: refused now."""
+    from engine.data.config import MIN_BPE_VOCAB, MIN_SYNTHETIC_VOCAB
+
+    for name in ("data", "text_field", "data_cache_dir", "out"):
+        _check(isinstance(getattr(cfg, name), str) and getattr(cfg, name).strip() != "",
+               f"{_flag(name)} must be a non-empty string, got {getattr(cfg, name)!r}")
+    _check(cfg.tokenizer is None or cfg.tokenizer.strip() != "",
+           f"--tokenizer must be a tokenizer.json path or none, got {cfg.tokenizer!r}")
+    if cfg.eval_every > 0:
+        _check(cfg.val_fraction > 0,
+               f"--eval-every {cfg.eval_every} needs a validation split, but --val-fraction is "
+               f"{cfg.val_fraction}: set --val-fraction > 0 (e.g. 0.01) or --eval-every 0")
+        _check(cfg.eval_batches >= 1,
+               f"--eval-batches must be >= 1 with --eval-every {cfg.eval_every}, got {cfg.eval_batches}")
+    if cfg.data == "synthetic":
+        _check(cfg.vocab_size >= MIN_SYNTHETIC_VOCAB,
+               f"--vocab-size {cfg.vocab_size} is too small for --data synthetic: it needs >= "
+               f"{MIN_SYNTHETIC_VOCAB}")
+    elif cfg.tokenizer is None and cfg.init_from_hf is None:
+        _check(cfg.vocab_size >= MIN_BPE_VOCAB,
+               f"--vocab-size {cfg.vocab_size} is too small for the byte-level BPE trained on --data "
+               f"{cfg.data}: it needs >= {MIN_BPE_VOCAB} (256 bytes + end-of-document)")
+
+
 def validate(cfg: TrainConfig, world_size: int = 1) -> None:
-    """Raise ValueError naming the first inconsistent field; does nothing on a valid config."""
+    """Raise ValueError naming the first inconsistent field; does nothing on a valid config.
+    Number types and the ranges of float fields: _check_numbers; data settings: _check_data_settings."""
+    _check_numbers(cfg)
+    _check_data_settings(cfg)
     _check(cfg.preset in PRESETS, f"unknown preset {cfg.preset!r}; choose one of {', '.join(PRESETS)}")
-    for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden", "steps",
-                 "batch_size", "micro_batch_size", "seq_len", "log_every", "nitp_projector_mult"):
+    for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden",
+                 "batch_size", "max_micro_batch_size", "seq_len", "log_every", "nitp_projector_mult"):
         _check(getattr(cfg, name) > 0, f"{name} must be positive, got {getattr(cfg, name)}")
     _check(cfg.geometry_tokens >= 2, f"geometry_tokens must be >= 2, got {cfg.geometry_tokens}")
-    for name in ("warmup_steps", "eval_every", "eval_batches", "geometry_every", "nitp_start_step",
+    for name in ("steps", "warmup_steps", "eval_every", "eval_batches", "geometry_every", "nitp_start_step",
                  "weight_decay", "moe_aux_weight", "z_loss_weight", "grad_clip", "n_dense_layers"):
         _check(getattr(cfg, name) >= 0, f"{name} must be >= 0, got {getattr(cfg, name)}")
     _check(cfg.d_model % cfg.n_heads == 0,
@@ -188,7 +279,6 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     _check(0 <= cfg.nitp_layer <= cfg.n_layers - 1,
            f"nitp_layer={cfg.nitp_layer} is outside 0..{cfg.n_layers - 1} (n_layers={cfg.n_layers}; "
            "0 = embeddings)")
-    _check(cfg.nitp_weight >= 0, f"nitp_weight (λ) must be >= 0, got {cfg.nitp_weight}")
     _check(0 <= cfg.nitp_shift < cfg.seq_len,
            f"nitp_shift={cfg.nitp_shift} must satisfy 0 <= shift < seq_len={cfg.seq_len}")
     _check(cfg.objective in OBJECTIVES, f"objective {cfg.objective!r} is not one of {OBJECTIVES}")
@@ -197,14 +287,6 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     _check(cfg.backend in BACKENDS, f"backend {cfg.backend!r} is not one of {BACKENDS}")
     _check(cfg.device in DEVICES, f"device {cfg.device!r} is not one of {DEVICES}")
     _check(cfg.param_dtype in PARAM_DTYPES, f"param_dtype {cfg.param_dtype!r} is not one of {PARAM_DTYPES}")
-    _check(cfg.lr > 0, f"lr must be positive, got {cfg.lr}")
-    _check(0.0 <= cfg.decay_ratio <= 1.0, f"decay_ratio must be in [0, 1], got {cfg.decay_ratio}")
-    _check(0.0 <= cfg.min_lr_ratio <= 1.0, f"min_lr_ratio must be in [0, 1], got {cfg.min_lr_ratio}")
-    _check(0.0 <= cfg.beta1 < 1.0 and 0.0 <= cfg.beta2 < 1.0,
-           f"beta1/beta2 must be in [0, 1), got {cfg.beta1}/{cfg.beta2}")
-    _check(0.0 <= cfg.val_fraction < 1.0, f"val_fraction must be in [0, 1), got {cfg.val_fraction}")
-    _check(cfg.peak_tflops is None or cfg.peak_tflops > 0,
-           f"peak_tflops must be positive or None, got {cfg.peak_tflops}")
     for name in ("ckpt_every", "keep_last", "max_bad_steps"):
         _check(getattr(cfg, name) >= 0, f"{name} must be >= 0, got {getattr(cfg, name)}")
     _check(cfg.resume is None or (isinstance(cfg.resume, str) and cfg.resume != ""),
@@ -212,10 +294,18 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     _check(cfg.loss_chunk_size is None or cfg.loss_chunk_size > 0,
            f"loss_chunk_size must be positive or None, got {cfg.loss_chunk_size}")
     _check(world_size > 0, f"world_size must be positive, got {world_size}")
-    per_step = cfg.micro_batch_size * world_size
-    _check(cfg.batch_size % per_step == 0,
-           f"batch_size={cfg.batch_size} is not divisible by micro_batch_size*world_size="
-           f"{cfg.micro_batch_size}*{world_size}={per_step}")
+    _check(cfg.micro_batch_size == "auto" or (type(cfg.micro_batch_size) is int and cfg.micro_batch_size > 0),
+           f"micro_batch_size must be a positive integer or 'auto', got {cfg.micro_batch_size!r}")
+    if cfg.micro_batch_size == "auto":
+        _check(cfg.batch_size % world_size == 0,
+               f"batch_size={cfg.batch_size} is not divisible by world_size={world_size} (the number of "
+               "processes): each rank takes an equal share of whole sequences; choose a batch_size that "
+               "is a multiple of the world size")
+    else:
+        per_step = cfg.micro_batch_size * world_size
+        _check(cfg.batch_size % per_step == 0,
+               f"batch_size={cfg.batch_size} is not divisible by micro_batch_size*world_size="
+               f"{cfg.micro_batch_size}*{world_size}={per_step}")
     if cfg.is_moe:
         _check(cfg.n_dense_layers < cfg.n_layers,
                f"n_dense_layers={cfg.n_dense_layers} leaves no MoE layer (n_layers={cfg.n_layers})")
@@ -229,9 +319,23 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
         _check(cfg.n_experts == 0, f"n_experts must be >= 0, got {cfg.n_experts}")
 
 
+def resolve_micro_batch_size(cfg: TrainConfig, world_size: int) -> int:
+    """The micro-batch a rank runs: the explicit value, or for "auto" the largest divisor of
+    batch_size / world_size that is <= max_micro_batch_size."""
+    if cfg.micro_batch_size != "auto":
+        return cfg.micro_batch_size
+    per_rank = cfg.batch_size // world_size
+    return max(m for m in range(1, min(cfg.max_micro_batch_size, per_rank) + 1) if per_rank % m == 0)
+
+
+def with_micro_batch_size(cfg: TrainConfig, world_size: int) -> TrainConfig:
+    """cfg with "auto" replaced by the micro-batch for this world size (call after validate)."""
+    return dataclasses.replace(cfg, micro_batch_size=resolve_micro_batch_size(cfg, world_size))
+
+
 def gradient_accumulation_steps(cfg: TrainConfig, world_size: int) -> int:
     """Micro-batches per rank per optimizer step."""
-    return cfg.batch_size // (cfg.micro_batch_size * world_size)
+    return cfg.batch_size // (resolve_micro_batch_size(cfg, world_size) * world_size)
 
 
 def _parse_bool(text: str) -> bool:
@@ -243,17 +347,23 @@ def _parse_bool(text: str) -> bool:
     raise ValueError(f"expected a boolean (true/false), got {text!r}")
 
 
+_parse_bool.__name__ = "boolean"  # argparse: "invalid boolean value: 'maybe'"
+
+
 def _parser():
     """argparse parser with one ``--field-name`` option per config field (``--field_name`` too)."""
     import argparse
-    import typing
 
-    parser = argparse.ArgumentParser(description="NITP pre-training (FSDP2).",
-                                     argument_default=argparse.SUPPRESS)
+    parser = OneLineArgumentParser(description="NITP pre-training (FSDP2).", epilog=TRACEBACK_HELP,
+                                   argument_default=argparse.SUPPRESS)
     hints = typing.get_type_hints(TrainConfig)
     for f in fields(TrainConfig):
         flags = [f"--{f.name.replace('_', '-')}"] + ([f"--{f.name}"] if "_" in f.name else [])
         hint = hints[f.name]
+        if "parse" in f.metadata:  # a field with its own syntax (e.g. micro_batch_size: int or "auto")
+            parser.add_argument(*flags, dest=f.name, type=f.metadata["parse"], metavar="VALUE",
+                                help=f"(default {f.default})")
+            continue
         if hint is bool:
             parser.add_argument(*flags, dest=f.name, nargs="?", const=True, type=_parse_bool,
                                 metavar="BOOL", help=f"(default {f.default})")
@@ -266,6 +376,8 @@ def _parser():
                 return None
             return base(text)
 
+        convert.__name__ = base.__name__  # argparse names it in "invalid float value: 'abc'"
+
         parser.add_argument(*flags, dest=f.name, type=convert, metavar=base.__name__.upper(),
                             help=f"(default {f.default})")
     return parser
@@ -273,11 +385,9 @@ def _parser():
 
 def parse_cli(argv: list[str] | None = None, world_size: int = 1) -> TrainConfig:
     """Config from command-line flags; any invalid value exits with one message, no traceback."""
-    try:
+    with cli_errors():
         args = vars(_parser().parse_args(argv))
         preset = args.pop("preset", "tiny")
         cfg = make_config(preset, **args)
         validate(cfg, world_size)
-    except ValueError as exc:
-        raise SystemExit(f"error: {exc}") from None
     return cfg

@@ -20,6 +20,13 @@ import torch
 import torch.distributed as dist
 
 
+class TrainingDiverged(RuntimeError):
+    """--max-bad-steps consecutive steps had a non-finite loss or gradient norm: the run stops.
+
+    Not a ValueError: nothing the user passed is wrong as such. The command line prints it as one line.
+    """
+
+
 class StopSignals:
     """SIGTERM / SIGINT set a flag instead of killing the process; the loop saves and exits.
 

@@ -9,6 +9,7 @@ import math
 import os
 import resource
 import sys
+import warnings
 from typing import Any
 
 import torch
@@ -91,3 +92,31 @@ class RunLogger:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+def truncate_metrics(metrics_path: str | os.PathLike, step: int) -> None:
+    """Keep the metrics.jsonl records up to ``step`` (a killed run may have logged past its checkpoint).
+
+    A line that is not JSON (a torn last line after a kill or a full disk) is dropped with a
+    warning instead of stopping the resume.
+    """
+    if not os.path.isfile(metrics_path):
+        return
+    with open(metrics_path, encoding="utf-8", errors="replace") as f:
+        lines = [line for line in f.read().splitlines() if line.strip()]
+    keep, torn = [], []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            torn.append(number)
+            continue
+        if isinstance(record, dict) and record.get("step", 0) <= step:
+            keep.append(line)
+    if torn:
+        warnings.warn(f"{metrics_path}: dropped {len(torn)} unreadable line(s) (line {', '.join(map(str, torn))} of "
+                      f"{len(lines)}; a torn write from a killed run or a full disk)", stacklevel=2)
+    tmp = f"{metrics_path}.tmp"
+    with open(tmp, "w") as f:
+        f.write("".join(line + "\n" for line in keep))
+    os.replace(tmp, metrics_path)

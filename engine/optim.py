@@ -32,7 +32,11 @@ def wsd_factor(step: int, total_steps: int, warmup_steps: int, decay_ratio: floa
     return min(1.0, warm, decay)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> LambdaLR:
-    """WSD schedule stepped once per optimizer step; lr at step s is cfg.lr · wsd_factor(s)."""
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, start_step: int = 0) -> LambdaLR:
+    """WSD schedule stepped once per optimizer step; lr at step s is cfg.lr · wsd_factor(s).
+
+    start_step > 0 (a resumed run): the schedule of this cfg, positioned at that step, with the
+    base lr taken from each parameter group's ``initial_lr`` (set to cfg.lr when first built).
+    """
     return LambdaLR(optimizer, lambda s: wsd_factor(s, cfg.steps, cfg.warmup_steps, cfg.decay_ratio,
-                                                    cfg.min_lr_ratio))
+                                                    cfg.min_lr_ratio), last_epoch=start_step - 1)

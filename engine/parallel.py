@@ -9,6 +9,11 @@ Order, as torchtitan: activation checkpointing -> torch.compile -> fully_shard.
 - the output module (final norm, LM head, projector): one unit with reshard_after_forward=False,
   outside activation checkpointing (recomputing it would redo the whole fused loss);
 - the root (embeddings): the model itself.
+
+Meta-device initialisation (``build_model``, as torchtitan): the model is built on the meta
+device, the three steps above are applied to it, then ``to_empty`` allocates each rank's shards
+on the real device and ``init_weights`` fills them shard by shard (engine/model/init.py). No
+rank ever holds a full parameter: a rank's peak is its shards plus a few init blocks.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.utils.checkpoint import checkpoint
 
 from engine.config import TrainConfig
+from engine.model import NITPTransformer, load_hf_weights
 
 
 @dataclass
@@ -46,11 +52,6 @@ def resolve_device(cfg: TrainConfig) -> str:
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("device='cuda' was requested but CUDA is not available")
     return cfg.device
-
-
-def env_world_size() -> int:
-    """World size torchrun announces (1 without torchrun); known before any process group exists."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def init_distributed(cfg: TrainConfig) -> DistInfo:
@@ -127,4 +128,21 @@ def parallelize(model: torch.nn.Module, cfg: TrainConfig, info: DistInfo) -> tor
         apply_compile(model)
     mesh = init_device_mesh(info.device.type, (info.world_size,))
     apply_fsdp(model, mesh, compute_dtype(cfg, info.device))
+    return model
+
+
+def build_model(cfg: TrainConfig, info: DistInfo,
+                hf_weights: dict[str, torch.Tensor] | None = None) -> NITPTransformer:
+    """The sharded, initialised model: built on meta, parallelised, then materialised shard by shard.
+
+    ``hf_weights`` (a full CPU state dict from ``--init-from-hf``): each rank copies its rows of
+    every imported parameter; the projector keeps its fresh initialisation.
+    """
+    with torch.device("meta"):
+        model = NITPTransformer(cfg)
+    parallelize(model, cfg, info)
+    model.to_empty(device=info.device)
+    model.init_weights()
+    if hf_weights is not None:
+        load_hf_weights(model, hf_weights)
     return model

@@ -6,7 +6,9 @@
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 \
         engine/train.py --preset moe-9b-a1b                          # many nodes
 
-Every config field is a flag (``--field-name value``); see engine/config.py. Checkpoints:
+Every config field is a flag (``--field-name value``); see engine/config.py. Every flag is checked
+before any data or model work; an error is one line on stderr (NITP_TRACEBACK=1 shows the
+traceback). Checkpoints:
 
     python engine/train.py --preset tiny --out runs/demo --ckpt-every 100   # + at the end of the run
     python engine/train.py --preset tiny --out runs/demo --resume auto     # continue the newest one
@@ -27,6 +29,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 
 import logging  # noqa: E402
 
+from engine.cli import check_environment, cli_errors  # noqa: E402
 from engine.config import parse_cli  # noqa: E402
 
 
@@ -36,14 +39,12 @@ def main(argv: list[str] | None = None) -> None:
     # the data pipeline reports preparation, cache hits and skipped files through logging: rank 0 shows them
     logging.basicConfig(level=logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING,
                         format="%(message)s")
-    from engine.checkpoint import CheckpointError  # heavy imports only after the flags are known to be valid
-    from engine.export import HFImportError
-    from engine.trainer import run
+    # every library error (bad data, an unusable checkpoint or HF folder, a full disk) is one line
+    with cli_errors():
+        check_environment(cfg)
+        from engine.trainer import run  # heavy imports only after the flags are known to be valid
 
-    try:
         run(cfg)
-    except (CheckpointError, HFImportError) as exc:  # an unusable checkpoint: the message, no traceback
-        raise SystemExit(f"error: {exc}") from None
 
 
 if __name__ == "__main__":

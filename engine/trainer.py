@@ -14,9 +14,12 @@ ce_loss / nitp_loss outputs are detached, so the weighting has to go through its
 FSDP2 averages gradients over ranks, so the backward loss is also multiplied by world_size.
 The MoE load-balancing loss is a per-micro-batch mean, averaged over micro-batches and ranks.
 
-Extension points: TrainState holds everything a checkpoint needs (model, optimizer, scheduler,
-data loader position, step); ``train_step`` is the body of one optimizer step; ``run`` is the
-outer loop (logging, evaluation).
+Extension points: TrainState holds everything that evolves (model, optimizer, scheduler, data
+loader position, step) and saves itself: ``state_dict`` / ``load_state_dict`` (JSON) and
+``tensor_state`` (DCP Stateful objects), handed to the checkpointer, which only does IO;
+``train_step`` is the body of one optimizer step; ``run`` is the outer loop (logging, evaluation).
+The run directory is claimed (lock, relaunch rules: engine/run_dir.py) before any data or model
+work; resume semantics: engine/checkpoint/resume.py.
 """
 
 from __future__ import annotations
@@ -25,23 +28,26 @@ import dataclasses
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from engine.checkpoint import Checkpointer, truncate_metrics
-from engine.config import TrainConfig, gradient_accumulation_steps, validate
+from engine.checkpoint import Checkpointer, check_resumable
+from engine.checkpoint.stateful import ModelState, OptimizerState
+from engine.cli import check_environment
+from engine.config import TrainConfig, gradient_accumulation_steps, validate, with_micro_batch_size
 from engine.data import IGNORE_INDEX, DataBundle, build_data
-from engine.faults import StopSignals, debug_nan_steps, debug_signal_after
+from engine.faults import StopSignals, TrainingDiverged, debug_nan_steps, debug_signal_after
 from engine.flops import training_flops_per_token
 from engine.geometry import GeometryProbe
-from engine.metrics import RunLogger, peak_flops_per_device, peak_memory_bytes
-from engine.model import NITPTransformer
+from engine.metrics import RunLogger, peak_flops_per_device, peak_memory_bytes, truncate_metrics
+from engine.model import HFImportError, NITPTransformer, config_from_hf
 from engine.optim import build_optimizer, build_scheduler
-from engine.parallel import DistInfo, close_distributed, init_distributed, parallelize
+from engine.parallel import DistInfo, build_model, close_distributed, init_distributed
+from engine.run_dir import RunDirLock, claim_run_dir_on_rank0
 from nitp_kernels.contract import valid_positions
 
 
@@ -58,17 +64,63 @@ class TrainState:
     step: int = 0                       # optimizer steps completed
     bad_steps: int = 0                  # steps skipped for a non-finite loss or grad norm
     consecutive_bad_steps: int = 0
+    run_lock: RunDirLock | None = None  # rank 0: the lock on cfg.out (engine/run_dir.py)
+    # The parameter-group settings this run's config and device give (the schedule's base lr,
+    # betas, weight decay, fused/foreach): a resume puts them back over the checkpoint's.
+    _group_settings: list[dict[str, Any]] = field(default_factory=list, repr=False)
+
+    def __post_init__(self) -> None:
+        self._group_settings = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
+
+    def state_dict(self) -> dict[str, Any]:
+        """The JSON part of a checkpoint (state.json): position, counters, and what it was made with."""
+        return {"step": self.step, "bad_steps": self.bad_steps, "consecutive_bad_steps": self.consecutive_bad_steps,
+                "loader": self.data.train.state_dict(), "world_size": self.dist.world_size,
+                "config": self.cfg.to_dict(), "data_info": self.data.info}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore from ``state_dict()`` output, after ``tensor_state()`` was loaded.
+
+        The LR scheduler is not restored but rebuilt from this run's config at the resumed step,
+        and the optimizer's group settings are this run's: schedule and optimizer changes made
+        on resume take effect at once (engine/checkpoint/resume.py).
+        """
+        self.data.train.load_state_dict(state["loader"])
+        self.step = int(state["step"])
+        self.bad_steps = int(state.get("bad_steps", 0))
+        self.consecutive_bad_steps = int(state.get("consecutive_bad_steps", 0))
+        for group, settings in zip(self.optimizer.param_groups, self._group_settings, strict=True):
+            group.update(settings)
+        self.scheduler = build_scheduler(self.optimizer, self.cfg, start_step=self.step)
+
+    def tensor_state(self) -> dict[str, Any]:
+        """The tensors of a checkpoint, as DCP Stateful objects (saved and loaded sharded)."""
+        return {"model": ModelState(self.model), "optim": OptimizerState(self.model, self.optimizer)}
+
+    def check_resumable(self, saved: dict[str, Any], where: str) -> None:
+        """Refuse (ResumeMismatchError) a checkpoint this run may not continue, naming every difference."""
+        check_resumable(saved, self.cfg.to_dict(), self.data.info, where)
+
+    def close(self) -> None:
+        """Release the run directory and leave the process group (if this state joined it)."""
+        if self.run_lock is not None:
+            self.run_lock.release()
+        close_distributed(self.dist)
 
 
 def build_state(cfg: TrainConfig) -> TrainState:
-    """Join the process group, open the data, build and shard the model, make the optimizer."""
+    """Join the process group, claim cfg.out, open the data, build and shard the model, make the optimizer."""
+    check_environment(cfg)  # the machine and the paths, before joining a process group (also done by the CLI)
     info = init_distributed(cfg)
+    lock = None
     try:
+        # --out first: a folder in use or holding an earlier run is refused before any data or model work
+        lock = claim_run_dir_on_rank0(cfg.out, cfg.resume, cfg.overwrite, info.rank, info.world_size)
         hf_weights = None
         if cfg.init_from_hf:  # continued pre-training from a Hugging Face checkpoint
-            from engine.export import HFImportError, config_from_hf, load_hf_weights
             cfg, hf_weights = config_from_hf(cfg)
         validate(cfg, info.world_size)
+        cfg = with_micro_batch_size(cfg, info.world_size)  # "auto" -> this world size's micro-batch
         data = build_data(cfg, rank=info.rank, world_size=info.world_size)
         if hf_weights is not None and data.vocab_size > cfg.vocab_size:
             raise HFImportError(f"--init-from-hf: the data's vocabulary ({data.vocab_size}) is larger than "
@@ -76,15 +128,13 @@ def build_state(cfg: TrainConfig) -> TrainState:
         if data.vocab_size != cfg.vocab_size and hf_weights is None:  # HF models may pad theirs
             cfg = dataclasses.replace(cfg, vocab_size=data.vocab_size)
             validate(cfg, info.world_size)
-        torch.manual_seed(cfg.seed)  # same initial weights on every rank, for any world size
-        with torch.device(info.device):
-            model = NITPTransformer(cfg)
-        if hf_weights is not None:
-            load_hf_weights(model, hf_weights)  # the projector keeps its fresh initialisation
-        parallelize(model, cfg, info)
+        # built on meta, sharded, then each rank initialises its shards: seeded, any world size alike
+        model = build_model(cfg, info, hf_weights)
         optimizer = build_optimizer(model, cfg)
-        return TrainState(cfg, info, model, optimizer, build_scheduler(optimizer, cfg), data)
+        return TrainState(cfg, info, model, optimizer, build_scheduler(optimizer, cfg), data, run_lock=lock)
     except BaseException:
+        if lock is not None:
+            lock.release()
         close_distributed(info)
         raise
 
@@ -133,7 +183,7 @@ def train_step(state: TrainState, batches: list[dict[str, torch.Tensor]]) -> dic
     moe_scale = cfg.moe_aux_weight / len(batches) if cfg.is_moe else 0.0
 
     sums = torch.zeros(4, dtype=torch.float64, device=info.device)  # loss, ce, aux, moe balance
-    poison = state.step + 1 in debug_nan_steps()  # fault-injection test hook (engine/checkpoint.py)
+    poison = state.step + 1 in debug_nan_steps()  # fault-injection test hook (engine/faults.py)
     for batch in batches:
         b = _to_device(batch, info.device)
         out, balance = model(b["input_ids"], b["labels"], b.get("doc_ids"), aux_weight=aux_weight, mode=mode)
@@ -226,8 +276,11 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         if cfg.resume and info.is_main:
             truncate_metrics(os.path.join(cfg.out, "metrics.jsonl"), state.step)
     except BaseException:
-        close_distributed(info)
+        state.close()
         raise
+    if state.step >= cfg.steps and info.is_main:
+        print(f"the run is already at step {state.step} of --steps {cfg.steps}: nothing to train "
+              "(raise --steps to continue it)", flush=True)
     logger = RunLogger(cfg.out, cfg.steps, enabled=info.is_main, start_step=state.step)
     stop.install()
     try:
@@ -268,8 +321,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                 ckpt.finalize()
                 last = (f"step {ckpt.last_saved_step} in {ckpt.root}" if ckpt.last_saved_step is not None
                         else "none saved yet")
-                raise SystemExit(
-                    f"error: {state.consecutive_bad_steps} consecutive steps (up to step {step}) had a "
+                raise TrainingDiverged(
+                    f"{state.consecutive_bad_steps} consecutive steps (up to step {step}) had a "
                     f"non-finite loss or gradient norm (--max-bad-steps {cfg.max_bad_steps}); stopping. "
                     f"Last good checkpoint: {last}")
             if cfg.ckpt_every and step % cfg.ckpt_every == 0 and not metrics["skipped"]:
@@ -277,7 +330,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
             debug_signal_after(step)  # fault-injection test hook
             if stop.requested(info.device):
                 break
-        if ckpt.last_saved_step != state.step:
+        if ckpt.last_saved_step != state.step and cfg.steps > 0:  # --steps 0 only builds and writes config.json
             ckpt.save(state)  # the end of the run, or a stop signal
         ckpt.finalize()
         if stop.received and info.is_main:
@@ -286,7 +339,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     finally:
         stop.restore()
         logger.close()
-        close_distributed(info)
+        state.close()
     if info.is_main:
         print(f"metrics: {logger.metrics_path}\nconfig:  {logger.config_path}", flush=True)
     return record

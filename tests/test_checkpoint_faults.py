@@ -15,7 +15,7 @@ import torch
 from engine.checkpoint import (MARKER, CheckpointError, UnsafeCheckpointError, list_checkpoints,
                                read_metadata_safely, validate_checkpoint)
 from engine.config import make_config
-from engine.faults import StopSignals
+from engine.faults import StopSignals, TrainingDiverged
 from engine.parallel import close_distributed
 from engine.trainer import build_state, next_batches, run, train_step
 
@@ -57,7 +57,7 @@ def test_non_finite_step_is_skipped_without_touching_weights_or_adam(tmp_path, m
 def test_max_bad_steps_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setenv("NITP_DEBUG_NAN_STEPS", "3,5,6,7")
     cfg = make_config("tiny", **{**SMALL, "steps": 20}, out=str(tmp_path), ckpt_every=2, max_bad_steps=3)
-    with pytest.raises(SystemExit, match=r"3 consecutive steps \(up to step 7\).*--max-bad-steps 3.*step 4"):
+    with pytest.raises(TrainingDiverged, match=r"^3 consecutive steps \(up to step 7\).*--max-bad-steps 3.*step 4"):
         run(cfg)
     records = rows(tmp_path)
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6, 7]
@@ -112,9 +112,9 @@ def test_malicious_metadata_is_refused_and_incompatible_config_named(tmp_path, c
     ckpt = out / "checkpoints" / "step_00000002"
     assert read_metadata_safely(ckpt / ".metadata").state_dict_metadata  # DCP's own file passes
     # Shape fields must match; steps / lr may change.
-    with pytest.raises(CheckpointError, match=r"d_model: checkpoint 32 vs run 48.*n_layers: checkpoint 2 vs run 3"):
+    with pytest.raises(CheckpointError, match=r"d_model: checkpoint 32, this run 48.*n_layers: checkpoint 2, this run 3"):
         run(make_config("tiny", **{**SMALL, "steps": 4, "d_model": 48, "n_layers": 3}, out=str(out), resume="auto"))
-    with pytest.raises(CheckpointError, match="NITP projector"):
+    with pytest.raises(CheckpointError, match="objective: checkpoint 'nitp', this run 'ntp'"):
         run(make_config("tiny", **{**SMALL, "steps": 4}, objective="ntp", out=str(out), resume="auto"))
     run(make_config("tiny", **{**SMALL, "steps": 3, "lr": 1e-3}, out=str(out), resume=str(ckpt)))  # --resume PATH
     assert f"resumed from {ckpt} (step 2)" in capsys.readouterr().out
@@ -129,10 +129,12 @@ def test_malicious_metadata_is_refused_and_incompatible_config_named(tmp_path, c
     with pytest.raises(UnsafeCheckpointError, match=r"refusing to unpickle (posix|os)\.system"):
         run(make_config("tiny", **{**SMALL, "steps": 4}, out=str(out), resume="auto"))
     assert not evil.path.exists()
-    # A fresh run in the same --out sets the earlier run's checkpoints aside (never resumes them).
-    with pytest.warns(UserWarning, match="2 checkpoint.*newer than step 0 were renamed superseded_step_"):
+    # A fresh run in the same --out is refused (the earlier run is untouched); --overwrite moves it aside.
+    with pytest.raises(ValueError, match="already holds an earlier run"):
         run(make_config("tiny", **{**SMALL, "steps": 2, "seed": 1}, out=str(out)))
+    run(make_config("tiny", **{**SMALL, "steps": 2, "seed": 1}, out=str(out), overwrite=True))
     root = out / "checkpoints"
     assert [s for s, _ in list_checkpoints(root)] == [2]
-    assert sorted(p.name for p in root.glob("superseded_*")) == ["superseded_step_00000002", "superseded_step_00000003"]
     assert validate_checkpoint(root / "step_00000002")["config"]["seed"] == 1
+    (previous,) = (out / "previous").iterdir()
+    assert [s for s, _ in list_checkpoints(previous / "checkpoints")] == [2, 3]

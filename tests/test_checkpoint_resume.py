@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from engine.checkpoint import MARKER, list_checkpoints, validate_checkpoint
+from engine.checkpoint.layout import describe_files
 from engine.config import make_config
 from engine.trainer import run
 
@@ -75,27 +76,27 @@ def test_sigkill_after_checkpoint_then_resume_skips_broken_checkpoints(reference
     assert proc.returncode == -9, proc.stderr[-3000:]
     assert steps_of(tmp_path) == [10, 20]
     # A save killed half-way (no marker, under .tmp) and a "complete" one whose data file is garbage
-    # of the right size (it passes the marker check and fails in DCP's load) are both passed over.
+    # with a forged marker (right sizes and checksums: it fails in DCP's load) are both passed over.
     root = tmp_path / "checkpoints"
     shutil.copytree(root / "step_00000020", root / "step_00000030.tmp")
     (root / "step_00000030.tmp" / MARKER).unlink()
-    shutil.copytree(root / "step_00000020", root / "step_00000025")
-    marker = json.loads((root / "step_00000025" / MARKER).read_text())
-    (root / "step_00000025" / MARKER).write_text(json.dumps({**marker, "step": 25}))
-    state = json.loads((root / "step_00000025" / "state.json").read_text())
-    (root / "step_00000025" / "state.json").write_text(json.dumps({**state, "step": 25}))
-    marker["files"]["state.json"] = (root / "step_00000025" / "state.json").stat().st_size
-    (root / "step_00000025" / MARKER).write_text(json.dumps({**marker, "step": 25}))
-    data = root / "step_00000025" / "__0_0.distcp"
+    forged = root / "step_00000025"
+    shutil.copytree(root / "step_00000020", forged)
+    state = json.loads((forged / "state.json").read_text())
+    (forged / "state.json").write_text(json.dumps({**state, "step": 25}))
+    data = forged / "__0_0.distcp"
     data.write_bytes(os.urandom(data.stat().st_size))
-    with pytest.warns(UserWarning, match="newer than step 20 were renamed superseded_step_"), \
+    names = [p.name for p in forged.iterdir() if p.name != MARKER]
+    (forged / MARKER).write_text(json.dumps({"step": 25, "files": describe_files(forged, names)}))
+    with pytest.warns(UserWarning, match=r"1 checkpoint\(s\) newer than step 20 .* were moved to .*superseded"), \
             pytest.warns(UserWarning, match="skipping checkpoint .*step_00000025: loading failed"):
         run(make_config("tiny", **SMALL, out=str(tmp_path), resume="auto"))
     assert_same(rows(tmp_path), reference)  # across processes too: bitwise
-    # The skipped saves are set aside (not deleted), so keep_last=2 keeps two good ones: 20 and 40.
+    # The skipped save is moved aside (never deleted), so keep_last=2 keeps two good ones: 20 and 40;
+    # the interrupted .tmp save (never complete) is removed.
     assert steps_of(tmp_path) == [20, 40]
-    assert sorted(p.name for p in root.glob("superseded_*")) == ["superseded_step_00000025",
-                                                                 "superseded_step_00000030.tmp"]
+    assert [p.name for p in (root / "superseded").glob("*/*")] == ["step_00000025"]
+    assert not list(root.glob("*.tmp"))
 
 
 # Under torchrun: one 40-step reference run that saves at step 20, then a fresh TrainState in the same

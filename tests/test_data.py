@@ -4,22 +4,20 @@ Expected values come from plain Python loops over the token stream, not from the
 """
 
 import json
-import types
 
 import numpy as np
 import pytest
 import torch
 
-from engine.data import (IGNORE_INDEX, DataError, TokenStream, build_data, doc_attention_mask,
-                         doc_cu_seqlens, make_batch, split_documents, synthetic_stream,
-                         token_dtype)
+from engine.data import (IGNORE_INDEX, DataConfig, DataError, TokenStream, build_data, doc_cu_seqlens,
+                         make_batch, split_documents, synthetic_stream, token_dtype)
 
 
 def synth_cfg(**kw):
     base = dict(data="synthetic", vocab_size=64, seq_len=16, micro_batch_size=3, seed=7,
                 doc_mask=False, val_fraction=0.05, synthetic_tokens=6000)
     base.update(kw)
-    return types.SimpleNamespace(**base)
+    return DataConfig(**base)
 
 
 def flat_doc_ids(stream: TokenStream) -> list[int]:
@@ -48,7 +46,7 @@ def test_synthetic_stream_is_deterministic_and_well_formed():
 
 
 def test_packing_round_trip_reproduces_the_stream():
-    cfg = synth_cfg(world_size=1)
+    cfg = synth_cfg()
     bundle = build_data(cfg)
     loader, stream = bundle.train, bundle.train.stream
     n, t = loader.n_windows, cfg.seq_len
@@ -146,27 +144,26 @@ def test_doc_mask_labels_and_doc_ids_match_a_loop_reference():
     assert batch["doc_ids"].dtype == torch.int32
 
 
-def test_attention_mask_is_per_document_causal():
+def test_cu_seqlens_segments_give_per_document_causal_attention():
     doc_ids = torch.tensor([[0, 0, 1, 1, 1, 2], [0, 0, 0, 0, 0, 0]], dtype=torch.int32)
-    mask = doc_attention_mask(doc_ids)
-    want = torch.zeros(2, 6, 6, dtype=torch.bool)
-    for b in range(2):
-        for q in range(6):
-            for k in range(q + 1):
-                want[b, q, k] = bool(doc_ids[b, q] == doc_ids[b, k])
-    assert torch.equal(mask, want)
     cu, max_len = doc_cu_seqlens(doc_ids)
     assert cu.tolist() == [0, 2, 5, 6, 12] and max_len == 6 and cu.dtype == torch.int32
-    # the mask agrees with scaled_dot_product_attention run document by document
-    q = torch.randn(2, 1, 6, 4, generator=torch.Generator().manual_seed(0))
-    full = torch.nn.functional.scaled_dot_product_attention(q, q, q, attn_mask=mask[:, None])
-    flat_q, flat_out = q.transpose(1, 2).reshape(12, 1, 4), full.transpose(1, 2).reshape(12, 1, 4)
+    # reference: each query attends, by plain softmax, to the keys at or before it in its document
+    q = torch.randn(2, 6, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    want = torch.empty_like(q)
+    for b in range(2):
+        for t in range(6):
+            keys = [s for s in range(t + 1) if doc_ids[b, s] == doc_ids[b, t]]
+            weights = torch.softmax(q[b, keys] @ q[b, t] / 2.0, dim=0)  # 1/sqrt(head dim 4)
+            want[b, t] = weights @ q[b, keys]
+    # causal attention over each flattened cu_seqlens segment (what a varlen kernel computes)
+    flat_q, flat_want = q.reshape(12, 4), want.reshape(12, 4)
     for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
-        seg = flat_q[s:e].transpose(0, 1)[None]
-        ref = torch.nn.functional.scaled_dot_product_attention(seg, seg, seg, is_causal=True)
-        assert torch.allclose(ref[0].transpose(0, 1), flat_out[s:e], atol=1e-6)
+        seg = flat_q[s:e][None, None]
+        got = torch.nn.functional.scaled_dot_product_attention(seg, seg, seg, is_causal=True)
+        torch.testing.assert_close(got[0, 0], flat_want[s:e], rtol=1e-12, atol=1e-12)
     with pytest.raises(TypeError, match="doc_ids"):
-        doc_attention_mask(torch.zeros(3, dtype=torch.int32))
+        doc_cu_seqlens(torch.zeros(3, dtype=torch.int32))
 
 
 def test_validation_is_deterministic_covers_the_split_and_pads_evenly():
@@ -204,8 +201,8 @@ def test_bad_arguments_and_too_small_corpus():
     with pytest.raises(ValueError, match="vocab_size"):
         build_data(synth_cfg(vocab_size=4))
     with pytest.raises(DataError, match=r"has \d+ tokens, but one batch needs 24577") as err:
-        build_data(synth_cfg(seq_len=4096, micro_batch_size=3, world_size=2), world_size=2)
-    assert isinstance(err.value, SystemExit)
+        build_data(synth_cfg(seq_len=4096, micro_batch_size=3), world_size=2)
+    assert isinstance(err.value, ValueError)  # library errors are ValueErrors; only the CLI exits
 
 
 def test_token_dtype_fits_every_id():

@@ -5,14 +5,13 @@ import json
 import os
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from engine.data import DataError, build_data
-from engine.tokenizer import cached_bpe
+from engine.data import DataConfig, DataError, build_data
+from engine.data.tokenizer import cached_bpe
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
@@ -28,7 +27,7 @@ def cfg_for(data, tmp_path, **kw):
                 doc_mask=False, val_fraction=0.25, data_cache_dir=str(tmp_path / "cache"),
                 text_field="text", tokenizer=None)
     base.update(kw)
-    return types.SimpleNamespace(**base)
+    return DataConfig(**base)
 
 
 def decoded_docs(bundle, split="train"):
@@ -106,21 +105,35 @@ def test_second_run_hits_the_caches_and_edits_invalidate_them(txt_corpus, tmp_pa
     assert h1 != h2
 
 
-def test_jsonl_with_text_field_and_bad_records(tmp_path):
+def test_jsonl_with_text_field_and_bad_records(tmp_path, caplog):
+    """Bad records are skipped one at a time and counted per file; the good ones around them stay."""
     d = tmp_path / "j"
     d.mkdir()
     rows = [{"content": text(i), "id": i} for i in range(5)]
     rows += [{"content": "", "id": 5}, {"content": None, "id": 6}, {"content": "   ", "id": 7}]
     (d / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (d / "broken.jsonl").write_text('{"content": "fine"}\n{not json at all\n')
-    (d / "latin1.jsonl").write_bytes('{"content": "caf\xe9"}\n'.encode("latin-1"))
-    bundle = build_data(cfg_for(d, tmp_path, text_field="content", val_fraction=0.0))
+    good = [text(100 + i) for i in range(200)]
+    lines = [json.dumps({"content": t}) for t in good]
+    lines.insert(57, "{not json at all")                    # one malformed line among 200 good ones
+    lines.insert(120, json.dumps(["a", "list"]))            # valid JSON, not a record
+    lines.insert(150, json.dumps({"other": "no content"}))  # a record without the field
+    (d / "broken.jsonl").write_text("\n".join(lines) + "\n\n")
+    (d / "latin1.jsonl").write_bytes('{"content": "caf\xe9"}\n'.encode("latin-1")
+                                     + (json.dumps({"content": "ok"}) + "\n").encode())
+    with caplog.at_level("WARNING", logger="engine.data.documents"):
+        bundle = build_data(cfg_for(d, tmp_path, text_field="content", val_fraction=0.0))
     info = bundle.info
-    assert info["data_skipped_empty_docs"] == 3 and info["data_skipped_unreadable_files"] == 1
-    assert info["data_skipped_non_utf8_files"] == 1 and info["data_n_files"] == 3
-    assert sorted(decoded_docs(bundle)) == sorted(r["content"] for r in rows[:5])
+    assert (info["data_skipped_empty_docs"], info["data_skipped_malformed_records"],
+            info["data_skipped_records_without_field"], info["data_skipped_non_utf8_docs"]) == (3, 2, 1, 1)
+    assert info["data_skipped_unreadable_files"] == 0 and info["data_skipped_non_utf8_files"] == 0
+    assert info["data_n_files"] == 3
+    assert sorted(decoded_docs(bundle)) == sorted([r["content"] for r in rows[:5]] + good + ["ok"])
     assert bundle.val is None and info["data_text_field"] == "content"
-    with pytest.raises(DataError, match=r"--text-field 'body'.*columns: content, id"):
+    log = caplog.text
+    assert "broken.jsonl: skipped 3 of 203 records (2 malformed records, 1 records without field)" in log
+    assert "a.jsonl: skipped 3 of 8 records (3 empty docs)" in log
+    assert "latin1.jsonl: skipped 1 of 2 records (1 non utf8 docs)" in log
+    with pytest.raises(DataError, match=r"--text-field 'body'.*columns: content, id, other"):
         build_data(cfg_for(d, tmp_path, text_field="body"))
 
 
@@ -137,14 +150,14 @@ def test_parquet_with_text_field(tmp_path):
 
 
 def test_stdlib_source_on_a_few_files_and_existing_tokenizer(tmp_path):
-    bundle = build_data(cfg_for("stdlib", tmp_path, data_max_files=4, val_fraction=0.0))
+    bundle = build_data(cfg_for("stdlib", tmp_path, max_files=4, val_fraction=0.0))
     info = bundle.info
     assert info["data_source"] == "stdlib" and info["data_n_files"] == 4
     assert "site-packages" not in info["data_path"]
     batch = bundle.train.next_batch()
     assert batch["input_ids"].shape == (2, 8)
     # --tokenizer PATH: the trained one, reused from a file; same vocabulary, same tokens
-    reused = build_data(cfg_for("stdlib", tmp_path, data_max_files=4, val_fraction=0.0,
+    reused = build_data(cfg_for("stdlib", tmp_path, max_files=4, val_fraction=0.0,
                                 tokenizer=info["data_tokenizer"], vocab_size=999))
     assert not reused.info["data_tokenizer_trained"] and reused.vocab_size == bundle.vocab_size
     assert np.array_equal(reused.train.stream.tokens, bundle.train.stream.tokens)
@@ -195,19 +208,20 @@ def test_too_small_and_empty_corpora(tmp_path):
 
 
 WORKER = """
-import json, sys, types
+import json, sys
 import torch.distributed as dist
-from engine.data import build_data
+from engine.data import DataConfig, build_data
 rank, store, data, missing, cache = int(sys.argv[1]), *sys.argv[2:]
 dist.init_process_group("gloo", init_method="file://" + store, rank=rank, world_size=2)
-cfg = types.SimpleNamespace(data=data, vocab_size=300, seq_len=8, micro_batch_size=2, seed=0,
-                            val_fraction=0.25, data_cache_dir=cache, data_max_files=3)
+cfg = DataConfig(data=data, vocab_size=300, seq_len=8, micro_batch_size=2, seed=0,
+                 val_fraction=0.25, data_cache_dir=cache, max_files=3)
 try:
     b = build_data(cfg, rank=rank, world_size=2)
     print(json.dumps({"hit": b.info["data_prep_cache_hit"], "windows": b.train.window_ids().tolist(),
                       "n_tokens": b.train.stream.n_tokens}), flush=True)
-    cfg.data = missing
-    build_data(cfg, rank=rank, world_size=2)  # exits with the message, every rank
+    build_data(DataConfig(**{**cfg.__dict__, "data": missing}), rank=rank, world_size=2)
+except ValueError as err:  # what the command line does: the message, no traceback
+    raise SystemExit(f"error: {err}")
 finally:
     dist.destroy_process_group()
 """

@@ -17,14 +17,15 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     (dict(nitp_layer=-1), "nitp_layer=-1 is outside 0..3"),
     (dict(n_heads=5), "n_heads=5 does not divide d_model=128"),
     (dict(n_heads=8, n_kv_heads=3), "n_kv_heads=3 does not divide n_heads=8"),
-    (dict(nitp_weight=-0.5), "nitp_weight (λ) must be >= 0"),
-    (dict(batch_size=6), "batch_size=6 is not divisible by micro_batch_size*world_size=4*1=4"),
+    (dict(nitp_weight=-0.5), "--nitp-weight must be a finite number >= 0, got -0.5"),
+    (dict(batch_size=6, micro_batch_size=4), "batch_size=6 is not divisible by micro_batch_size*world_size=4*1=4"),
+    (dict(micro_batch_size=0), "micro_batch_size must be a positive integer or 'auto', got 0"),
     (dict(objective="mtp"), "objective 'mtp' is not one of"),
     (dict(nitp_loss_type="l2"), "nitp_loss_type 'l2' is not one of"),
     (dict(nitp_shift=256), "nitp_shift=256 must satisfy 0 <= shift < seq_len=256"),
-    (dict(lr=0.0), "lr must be positive"),
-    (dict(decay_ratio=1.5), "decay_ratio must be in [0, 1]"),
-    (dict(steps=0), "steps must be positive"),
+    (dict(lr=0.0), "--lr must be a finite number > 0, got 0.0"),
+    (dict(decay_ratio=1.5), "--decay-ratio must be a number in [0, 1], got 1.5"),
+    (dict(steps=-1), "steps must be >= 0"),
 ])
 def test_invalid_values_are_refused_with_one_message(overrides, message):
     with pytest.raises(ValueError) as err:

@@ -9,10 +9,11 @@ import torch.nn.functional as F
 
 from engine.config import make_config
 from engine.model import NITPTransformer, mean_pairwise_cosine_per_sequence
-from engine.moe import MoE
+from engine.model.moe import MoE
 
-SMALL = dict(vocab_size=97, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, ffn_hidden=64, seq_len=16,
-             micro_batch_size=2, batch_size=2, nitp_layer=1)
+# data="synthetic": a vocabulary of 97 is too small for the default corpus's byte-level BPE
+SMALL = dict(data="synthetic", vocab_size=97, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, ffn_hidden=64,
+             seq_len=16, micro_batch_size=2, batch_size=2, nitp_layer=1)
 
 
 

@@ -14,9 +14,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from engine.checkpoint import Checkpointer  # noqa: E402
 from engine.config import make_config, parse_cli  # noqa: E402
-from engine.export import load_hf_into_engine, main as export_main  # noqa: E402
+from engine.data.tokenizer import train_bpe  # noqa: E402
+from engine.export import main as export_main  # noqa: E402
+from engine.model.hf_adapter import load_hf_into_engine  # noqa: E402
 from engine.parallel import close_distributed  # noqa: E402
-from engine.tokenizer import train_bpe  # noqa: E402
 from engine.trainer import build_state, next_batches, train_step  # noqa: E402
 
 SMALL = dict(d_model=32, n_layers=3, n_heads=2, n_kv_heads=1, ffn_hidden=64, seq_len=16, batch_size=4,
@@ -177,3 +178,54 @@ def test_init_from_hf_qwen2_moe_round_trip_and_refusals(tmp_path):
     with pytest.raises(ValueError, match="Qwen3ForCausalLM is not supported"):
         load_hf_into_engine(qwen3)
     assert os.path.isdir(tmp_path / "back")
+
+
+def test_export_refuses_unsafe_folders_and_bad_tokenizers(corpus, tmp_path, capsys):
+    """The run itself, a folder holding it, a folder holding another model's files (unless --overwrite,
+    which empties it) are refused; a garbage or missing tokenizer is named; a refusal writes nothing."""
+    run_dir = tmp_path / "run"
+    own_tok = tmp_path / "own_tokenizer.json"
+    own_tok.write_bytes((corpus / "tokenizer.json").read_bytes())
+    cfg = make_config("tiny", **SMALL, data=str(corpus / "data"), tokenizer=str(own_tok), val_fraction=0.0,
+                      data_cache_dir=str(tmp_path / "cache"), out=str(run_dir))
+    state = build_state(cfg)
+    try:
+        Checkpointer(state.cfg, state.dist).save(state)
+    finally:
+        close_distributed(state.dist)
+    run_files = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+
+    def refused(args, message):
+        with pytest.raises(SystemExit) as err:
+            export_main([str(run_dir), *args])
+        assert str(err.value).startswith("error: ") and message in str(err.value), err.value
+        assert "\n" not in str(err.value)
+
+    refused([str(run_dir)], "is the run folder")
+    refused([str(run_dir), "--overwrite"], "is the run folder")
+    refused([str(tmp_path), "--overwrite"], f"holds the run folder {run_dir}")
+    refused([str(run_dir / "checkpoints" / "hf"), "--overwrite"], "inside the run's checkpoints")
+    refused([str(tmp_path / "new"), "--tokenizer", str(tmp_path / "missing.json")],
+            f"--tokenizer {tmp_path / 'missing.json'}: no such file")
+    (tmp_path / "garbage.json").write_text("{ this is not a tokenizer")
+    refused([str(tmp_path / "new"), "--tokenizer", str(tmp_path / "garbage.json")],
+            f"--tokenizer {tmp_path / 'garbage.json'}: not a tokenizer.json")
+    assert not (tmp_path / "new").exists()  # refused before anything was written
+
+    other = tmp_path / "other_model"  # a folder holding another model: refused, then emptied with --overwrite
+    other.mkdir()
+    (other / "tokenizer.json").write_text("another model's tokenizer")
+    (other / "weights.bin").write_bytes(b"\0" * 8)
+    refused([str(other)], "holds files an export did not write (tokenizer.json, weights.bin)")
+    assert (other / "weights.bin").exists()
+    export_main([str(run_dir), str(other), "--overwrite"])
+    assert json.loads((other / ".nitp-export.json").read_text())["files"][0] == "model.safetensors"
+    assert (other / "tokenizer.json").read_bytes() == own_tok.read_bytes() and not (other / "weights.bin").exists()
+    # an earlier export is replaced without --overwrite; a run without its tokenizer leaves none behind
+    own_tok.unlink()
+    refused([str(other)], f"the run's tokenizer {own_tok} (data_tokenizer): no such file; pass --tokenizer PATH")
+    export_main([str(run_dir), str(other), "--tokenizer", str(corpus / "tokenizer.json")])
+    assert sorted(p.name for p in other.iterdir()) == sorted(
+        [".nitp-export.json", "config.json", "generation_config.json", "model.safetensors",
+         "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json"])
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == run_files  # the run untouched

@@ -1,8 +1,10 @@
-"""nitp_kernels.integrations.hf against plain PyTorch on tiny random-weight transformers models (offline).
+"""nitp_kernels.integrations.hf against the unmodified model on tiny random-weight transformers models (offline).
 
-The reference asks the unmodified model for logits and output_hidden_states=True, and computes
-CE (F.cross_entropy on shifted labels) + λ·(1 − cos(P(h_t), z_{t+1})) with its own SwiGLU and cosine.
+The reference is a copy of the model taken before apply_nitp: its own forward with labels gives transformers' loss
+(CE, Gemma2/Gemma3's logit softcap, Qwen2-MoE's router aux loss), and with output_hidden_states=True the NITP
+term is computed here in plain PyTorch, 1 − cos(P(h_t), z_{t+1}) with its own SwiGLU and cosine.
 """
+import copy
 import importlib.util
 import math
 import pathlib
@@ -15,12 +17,17 @@ import torch.nn.functional as F
 
 transformers = pytest.importorskip("transformers")
 
-from nitp_kernels.integrations.hf import apply_nitp, remove_nitp, save_pretrained_without_nitp  # noqa: E402
+from nitp_kernels.integrations.hf import (SUPPORTED_MODEL_CLASSES, apply_nitp, remove_nitp,  # noqa: E402
+                                          save_pretrained_without_nitp)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 VOCAB, BATCH, SEQ = 97, 2, 10
+# Small enough to bend the tiny models' logits: ignoring or doubling it moves the loss by ~1e-3 (relative).
+SOFTCAP = 0.2
 _COMMON = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
-               num_key_value_heads=2, head_dim=8, vocab_size=VOCAB, max_position_embeddings=64)
+               num_key_value_heads=2, head_dim=8, vocab_size=VOCAB, max_position_embeddings=64, pad_token_id=0,
+               bos_token_id=1, eos_token_id=2)
+_SLIDING = dict(final_logit_softcapping=SOFTCAP, sliding_window=6)  # Gemma2/3 alternate sliding and full layers
 _FAMILIES = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
     "mistral": ("MistralConfig", "MistralForCausalLM", {}),
@@ -29,9 +36,21 @@ _FAMILIES = {
     "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM",
                   dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
                        shared_expert_intermediate_size=32, output_router_logits=True, router_aux_loss_coef=0.1)),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", {}),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", _SLIDING),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", _SLIDING),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {}),
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", {}),
+    "cohere": ("CohereConfig", "CohereForCausalLM", {}),  # scales its logits: refused
 }
 PRESENT = [name for name, (cfg, cls, _) in _FAMILIES.items()
            if hasattr(transformers, cfg) and hasattr(transformers, cls)]
+SUPPORTED = [name for name in PRESENT if _FAMILIES[name][1] in SUPPORTED_MODEL_CLASSES]
+
+
+def test_every_supported_class_is_tested_here():
+    assert sorted(SUPPORTED_MODEL_CLASSES) == sorted(cls for _, cls, _ in _FAMILIES.values()
+                                                    if cls in SUPPORTED_MODEL_CLASSES)
 
 
 def tiny_model(family: str = "llama", seed: int = 0):
@@ -52,37 +71,20 @@ def batch(seed: int = 1):
     return ids, mask, labels
 
 
-def plain_pytorch_loss(model, ids, mask, labels, k: int, lam: float):
-    """CE + λ·NITP (+ MoE aux) from the unmodified forward: logits and every hidden state materialised."""
-    moe = {"output_router_logits": True} if hasattr(model, "router_aux_loss_coef") else {}
-    out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True, **moe)
-    shifted = labels[:, 1:]
-    ce = F.cross_entropy(out.logits[:, :-1].reshape(-1, VOCAB).float(), shifted.reshape(-1), ignore_index=-100)
-    h, z = out.hidden_states[-1][:, :-1], out.hidden_states[k][:, 1:].detach()
-    proj = model.nitp_projector
-    p = F.linear(F.silu(F.linear(h, proj.w_gate)) * F.linear(h, proj.w_up), proj.w_down)
+def plain_pytorch_nitp(hidden_states, labels, k: int, projector_weights):
+    """mean over labelled t of 1 − cos(P(h_t), sg[z_{t+1}]), from the unmodified model's hidden states."""
+    h, z = hidden_states[-1][:, :-1], hidden_states[k][:, 1:].detach()
+    w_gate, w_up, w_down = projector_weights
+    p = F.linear(F.silu(F.linear(h, w_gate)) * F.linear(h, w_up), w_down)
     cos = (p * z).sum(-1) / (p.norm(dim=-1).clamp_min(1e-6) * z.norm(dim=-1).clamp_min(1e-6))
-    nitp = (1 - cos)[shifted != -100].mean()
-    loss = ce + lam * nitp
-    if moe:
-        loss = loss + model.router_aux_loss_coef * out.aux_loss
-    return loss
-
-
-def checked_params(model):
-    """The projector and a few backbone weights, shallow and deep, that gradients must reach."""
-    backbone = model.model
-    return {"w_gate": model.nitp_projector.w_gate, "w_up": model.nitp_projector.w_up,
-            "w_down": model.nitp_projector.w_down, "embed": backbone.embed_tokens.weight,
-            "q_proj0": backbone.layers[0].self_attn.q_proj.weight,
-            "o_proj_last": backbone.layers[-1].self_attn.o_proj.weight, "norm": backbone.norm.weight,
-            "lm_head": model.lm_head.weight}
+    return (1 - cos)[labels[:, 1:] != -100].mean()
 
 
 def grads_of(model, loss):
+    """Every parameter's gradient by name (None where the loss does not reach it)."""
     model.zero_grad(set_to_none=True)
     loss.backward()
-    return {name: p.grad.clone() for name, p in checked_params(model).items()}
+    return {name: None if p.grad is None else p.grad.clone() for name, p in model.named_parameters()}
 
 
 def assert_rel_close(actual, expected, rel=1e-5, what=""):
@@ -92,27 +94,85 @@ def assert_rel_close(actual, expected, rel=1e-5, what=""):
     assert err <= rel * scale, f"{what}: max abs error {err:.3e} > {rel:g} × {scale:.3e}"
 
 
-CASES = [(family, None, 1.0) for family in PRESENT]
-if "llama" in PRESENT:
+def assert_grads_match(actual: dict, expected: dict, rel=1e-5):
+    """Same gradient for every parameter; an all-zero reference (an MoE expert no token chose) must stay zero."""
+    assert actual.keys() == expected.keys()
+    for name, want in expected.items():
+        got = actual[name]
+        if want is None or not want.any():
+            assert got is None or not got.any(), f"grad {name}: nonzero where the reference has none"
+        else:
+            assert got is not None, f"grad {name}: missing"
+            assert_rel_close(got, want, rel, what=f"grad {name}")
+
+
+CASES = [(family, None, lam) for family in SUPPORTED for lam in (0.0, 1.0)]
+if "llama" in SUPPORTED:
     CASES += [("llama", 0, 0.5), ("llama", 3, 1.0)]
 
 
 @pytest.mark.parametrize("family,target_layer,lam", CASES)
-def test_loss_and_grads_match_plain_pytorch(family, target_layer, lam):
+def test_loss_and_grads_match_the_model_and_plain_pytorch_nitp(family, target_layer, lam):
+    """λ = 0: exactly the model's own loss and gradients; λ > 0: that loss + λ·NITP, NITP computed here."""
     model = tiny_model(family)
+    reference = copy.deepcopy(model)
     apply_nitp(model, target_layer=target_layer, nitp_weight=lam)
     k = round(0.2 * 4) if target_layer is None else target_layer
     ids, mask, labels = batch()
-    expected = plain_pytorch_loss(model, ids, mask, labels, k, lam)
-    expected_grads = grads_of(model, expected)
+
+    ref_out = reference(input_ids=ids, attention_mask=mask, labels=labels, output_hidden_states=True)
+    projector_weights = [w.detach().clone().requires_grad_() for w in model.nitp_projector.parameters()]
+    ref_nitp = plain_pytorch_nitp(ref_out.hidden_states, labels, k, projector_weights)
+    expected = ref_out.loss + lam * ref_nitp if lam else ref_out.loss  # λ = 0: transformers' loss alone
+    expected_grads = grads_of(reference, expected)
+    for name, w in zip(("w_gate", "w_up", "w_down"), projector_weights):
+        expected_grads[f"nitp_projector.{name}"] = w.grad
 
     out = model(input_ids=ids, attention_mask=mask, labels=labels)
     assert out.logits is None
     assert_rel_close(out.loss.detach(), expected.detach(), what="loss")
-    for name, grad in grads_of(model, out.loss).items():
-        assert_rel_close(grad, expected_grads[name], what=f"grad {name}")
+    assert_rel_close(model.nitp_last_output.nitp_loss, ref_nitp.detach(), what="NITP term")
+    assert_grads_match(grads_of(model, out.loss), expected_grads)
     parts = model.nitp_last_output
     assert int(parts.n_ce) == int(parts.n_nitp) == int((labels[:, 1:] != -100).sum())
+
+
+@pytest.mark.skipif("gemma2" not in SUPPORTED, reason="needs Gemma2ForCausalLM")
+def test_logit_softcap_is_read_from_the_config_at_every_call():
+    ids, mask, labels = batch()
+    model = tiny_model("gemma2")
+    reference = copy.deepcopy(model)
+    apply_nitp(model, nitp_weight=0.0)
+    losses = {}
+    for softcap in (SOFTCAP, None, 2 * SOFTCAP):
+        model.config.final_logit_softcapping = reference.config.final_logit_softcapping = softcap
+        losses[softcap] = model(input_ids=ids, attention_mask=mask, labels=labels).loss.detach()
+        want = reference(input_ids=ids, attention_mask=mask, labels=labels).loss.detach()
+        assert_rel_close(losses[softcap], want, what=f"loss with final_logit_softcapping={softcap}")
+    # The comparisons here and in the family test would catch a softcap ignored (None) or misread (doubled): at
+    # SOFTCAP either moves the loss by more than 50 times their 1e-5 tolerance.
+    assert abs(losses[SOFTCAP] - losses[None]) > 50 * 1e-5 * losses[None]
+    assert abs(losses[SOFTCAP] - losses[2 * SOFTCAP]) > 50 * 1e-5 * losses[None]
+
+    with pytest.raises(ValueError, match="final_logit_softcapping"):
+        apply_nitp(tiny_model("gemma2"), softcap=30.0)  # would contradict the model's own forward
+    bad = tiny_model("gemma2")
+    bad.config.final_logit_softcapping = -1.0
+    with pytest.raises(ValueError, match="final_logit_softcapping.*-1.0"):
+        apply_nitp(bad)
+
+
+@pytest.mark.skipif("cohere" not in PRESENT, reason="needs CohereForCausalLM")
+def test_a_family_that_scales_its_logits_is_refused_with_the_way_out():
+    model = tiny_model("cohere")  # logits = lm_head(h) · config.logit_scale
+    with pytest.raises(ValueError, match=r"got CohereForCausalLM\. .*fused_nitp_loss.*fused_linear_cross_entropy"):
+        apply_nitp(model)
+    assert "forward" not in model.__dict__ and not hasattr(model, "nitp_projector")
+    if hasattr(transformers, "Gemma3ForConditionalGeneration"):
+        # The refusal looks only at the class; building a real one would import its vision tower (seconds).
+        multimodal = transformers.Gemma3ForConditionalGeneration.__new__(transformers.Gemma3ForConditionalGeneration)
+        with pytest.raises(ValueError, match=r"got Gemma3ForConditionalGeneration \(.*is Gemma3ForCausalLM"):
+            apply_nitp(multimodal)
 
 
 @pytest.mark.skipif("llama" not in PRESENT, reason="needs LlamaForCausalLM")
@@ -135,8 +195,7 @@ def test_ce_part_equals_transformers_loss_and_accumulation_is_exact():
         part.backward()
         total += part.item()
     assert math.isclose(total, full.item(), rel_tol=1e-5)
-    for name, p in checked_params(model).items():
-        assert_rel_close(p.grad, full_grads[name], what=f"accumulated grad {name}")
+    assert_grads_match({name: p.grad for name, p in model.named_parameters()}, full_grads)
 
 
 @pytest.mark.skipif("llama" not in PRESENT, reason="needs LlamaForCausalLM")

@@ -3,6 +3,10 @@
 `nitp_kernels.integrations.hf`: apply_nitp / remove_nitp / save_pretrained_without_nitp for Hugging Face
 transformers causal LMs. Importing this package (or that module) does not import transformers; the
 functions import it when they run.
+
+`nitp_kernels.integrations.torchtitan`: NITPConverter, NITPLoss and NITPTrainer for torchtitan 0.3.0 (the
+`torchtitan` extra); `nitp_kernels.integrations.torchtitan_cpu`: the stand-ins that let its Trainer run on
+CPU with gloo. Import them by module path: nothing here imports torchtitan.
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """NITP for Hugging Face transformers causal LMs in one call, as Liger-Kernel's apply_liger_kernel_to_* does.
 
     from nitp_kernels.integrations.hf import apply_nitp, save_pretrained_without_nitp
-    apply_nitp(model)                                   # Llama / Mistral / Qwen2 / Qwen3 / Qwen2-MoE
+    apply_nitp(model)                                   # Llama, Mistral, Qwen2/3, Qwen2-MoE, Gemma 1/2/3, Phi3, OLMo2
     loss = model(input_ids, labels=input_ids).loss      # CE + λ·NITP, fused: logits are never built
     save_pretrained_without_nitp(model, "out/")         # a plain transformers checkpoint, no projector
 
@@ -17,6 +17,10 @@ How it works, without editing transformers:
   passed through, then `fused_nitp_loss` on the final normed hidden states, the LM head's weight and the
   recorded layer: `.loss` is CE + λ·NITP and `.logits` is None. MoE router aux loss is added as transformers
   adds it.
+- Only families whose logits were checked to be exactly `lm_head(final normed hidden)` (bias included), optionally
+  tanh-softcapped by a config attribute (Gemma2/Gemma3's final_logit_softcapping, read at every call as their
+  forward reads it), are accepted: the fused op must see the same inputs as the model's own loss. Families that
+  scale the logits (Cohere's logit_scale, Granite's logits_scaling, ...) or build them otherwise are refused.
 
 Labels follow transformers' convention (labels[t] is token t; -100 ignored); they are shifted here to the op's
 convention (labels[t] is token t+1). A `shift_labels` argument, as transformers' loss takes, is used as given.
@@ -45,9 +49,32 @@ from ..api import NITPLossOutput, fused_nitp_loss
 from ..modules import NITPProjector
 from ..options import BACKENDS, validate_options
 
-SUPPORTED_MODEL_CLASSES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
-                           "Qwen2MoeForCausalLM")
-_MOE_MODEL_CLASSES = ("Qwen2MoeForCausalLM",)
+
+@dataclasses.dataclass(frozen=True)
+class _Family:
+    """How a transformers causal LM makes its logits and loss, beyond logits = lm_head(model.model(...)[0])."""
+
+    logit_softcap_config: Optional[str] = None  # config attribute c: logits = c·tanh(logits / c) when c is set
+    moe: bool = False  # adds its router load-balancing loss with output_router_logits
+
+
+# Each entry was checked against the family's transformers 5.x forward (the tests compare losses and gradients).
+_FAMILIES = {
+    "LlamaForCausalLM": _Family(), "MistralForCausalLM": _Family(), "Qwen2ForCausalLM": _Family(),
+    "Qwen3ForCausalLM": _Family(), "Qwen2MoeForCausalLM": _Family(moe=True),
+    "GemmaForCausalLM": _Family(),  # its √d embedding scale is inside embed_tokens, hence in hidden_states[0]
+    "Gemma2ForCausalLM": _Family(logit_softcap_config="final_logit_softcapping"),
+    "Gemma3ForCausalLM": _Family(logit_softcap_config="final_logit_softcapping"),  # the text-only Gemma3
+    "Phi3ForCausalLM": _Family(), "Olmo2ForCausalLM": _Family(),
+}
+SUPPORTED_MODEL_CLASSES = tuple(_FAMILIES)
+# What to do instead, for refused classes that users reach for most often.
+_REFUSAL_HINTS = {
+    "Gemma3ForConditionalGeneration": "the multimodal Gemma3 (what AutoModelForCausalLM gives for model_type "
+                                      "gemma3) keeps its decoder under model.language_model; the text-only "
+                                      "Gemma3 (model_type gemma3_text) is Gemma3ForCausalLM, which is supported",
+}
+
 # Options forwarded to fused_nitp_loss. `reduction` is not among them: it follows num_items_in_batch.
 _OP_OPTIONS = ("shift", "stop_gradient", "ignore_index", "label_smoothing", "z_loss_weight", "softcap",
                "chunk_size", "backend")
@@ -65,6 +92,7 @@ class _NITPState:
     loss_type: str
     op_options: dict
     load_balancing_loss: Optional[Callable]  # the MoE family's own aux loss function; None for dense models
+    logit_softcap_config: Optional[str]  # the config attribute that softcaps the logits, read at every call
     original_forward: Callable
     original_signature: inspect.Signature
     instance_forward: Optional[Callable]  # a forward set on the instance before us (restored on removal)
@@ -84,8 +112,13 @@ def _supported_class(model: nn.Module) -> type:
     for klass in type(model).__mro__:
         if klass.__name__ in SUPPORTED_MODEL_CLASSES and klass.__module__.startswith("transformers."):
             return klass
-    raise ValueError(f"apply_nitp supports transformers' {', '.join(SUPPORTED_MODEL_CLASSES)} (and subclasses); "
-                     f"got {type(model).__name__}")
+    name = type(model).__name__
+    hint = f" ({_REFUSAL_HINTS[name]})" if name in _REFUSAL_HINTS else ""
+    raise ValueError(
+        f"apply_nitp supports transformers' {', '.join(SUPPORTED_MODEL_CLASSES)} (and subclasses); got "
+        f"{name}{hint}. A family is supported only once its logits (LM head, scaling, softcapping) are checked to "
+        "be what the fused op computes. For another model, call nitp_kernels.fused_nitp_loss (or "
+        "fused_linear_cross_entropy for CE alone) on its final normed hidden states and LM-head weight")
 
 
 def _check_layout(model: nn.Module) -> int:
@@ -101,9 +134,20 @@ def _check_layout(model: nn.Module) -> int:
 
 def _load_balancing_loss(klass: type) -> Optional[Callable]:
     # Looked up from the transformers class itself: FSDP2 later swaps type(model) for a class defined in torch.
-    if klass.__name__ not in _MOE_MODEL_CLASSES:
+    if not _FAMILIES[klass.__name__].moe:
         return None
     return sys.modules[klass.__module__].load_balancing_loss_func
+
+
+def _config_logit_softcap(model: nn.Module, config_attr: Optional[str]) -> Optional[float]:
+    """The softcap the model's own forward applies to its logits (None: none), checked as the op checks it."""
+    if config_attr is None:
+        return None
+    value = getattr(model.config, config_attr, None)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0):
+        raise ValueError(f"{type(model).__name__}: config.{config_attr} must be None or a number > 0 (the logit "
+                         f"softcap its forward applies), got {value!r}")
+    return value
 
 
 def default_target_layer(num_layers: int) -> int:
@@ -132,8 +176,10 @@ def apply_nitp(model: nn.Module, target_layer: Optional[int] = None, nitp_weight
                **op_options: Any) -> nn.Module:
     """Make `model(..., labels=...)` return CE + nitp_weight·NITP as `.loss`, fused, without building logits.
 
-    model: a transformers LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM or
-        Qwen2MoeForCausalLM (or a subclass); others raise ValueError naming the class.
+    model: a transformers causal LM of a class in SUPPORTED_MODEL_CLASSES (Llama, Mistral, Qwen2, Qwen3,
+        Qwen2-MoE, Gemma, Gemma2, Gemma3 text, Phi3, OLMo2) or a subclass; others raise ValueError naming the
+        class. Gemma2/Gemma3's logit softcap is config.final_logit_softcapping, read at every call (the softcap
+        option is refused for them).
     target_layer: k of hidden_states[k] (0 = embeddings, k = after decoder layer k), in [0, layers-1];
         default round(0.2 × layers).
     nitp_weight, loss_type: λ and the NITP loss ("cosine", "mse", "smooth_l1", "kl").
@@ -162,6 +208,13 @@ def apply_nitp(model: nn.Module, target_layer: Optional[int] = None, nitp_weight
     if not isinstance(use_projector, bool):
         raise TypeError(f"use_projector must be a bool, got {type(use_projector).__name__}")
     op_options = _validated_op_options(nitp_weight, loss_type, op_options)
+    softcap_config = _FAMILIES[klass.__name__].logit_softcap_config
+    if softcap_config is not None:
+        if "softcap" in op_options:
+            raise ValueError(f"softcap is not an option for {klass.__name__}: its logits are softcapped by "
+                             f"config.{softcap_config} (now {getattr(model.config, softcap_config, None)!r}), "
+                             "which apply_nitp reads at every call; set that instead")
+        _config_logit_softcap(model, softcap_config)
     if use_projector:  # validates hidden_mult before anything on the model changes
         lm_weight = model.lm_head.weight
         projector = NITPProjector(int(model.config.hidden_size), hidden_mult, device=lm_weight.device,
@@ -169,8 +222,9 @@ def apply_nitp(model: nn.Module, target_layer: Optional[int] = None, nitp_weight
 
     state = _NITPState(
         target_layer=target_layer, nitp_weight=float(nitp_weight), loss_type=loss_type, op_options=op_options,
-        load_balancing_loss=_load_balancing_loss(klass), original_forward=model.forward,
-        original_signature=inspect.signature(model.forward), instance_forward=model.__dict__.get("forward"))
+        load_balancing_loss=_load_balancing_loss(klass), logit_softcap_config=softcap_config,
+        original_forward=model.forward, original_signature=inspect.signature(model.forward),
+        instance_forward=model.__dict__.get("forward"))
     if use_projector:
         setattr(model, PROJECTOR_ATTR, projector)
     # Bound methods (not closures) for the hook and the forward, so that copy.deepcopy(model) rebinds them.
@@ -240,10 +294,13 @@ def _loss_forward(model: nn.Module, state: _NITPState, labels: Tensor, arguments
     if shift_labels is None:
         shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
     reduction = "mean" if num_items_in_batch is None else "sum"
+    op_options = state.op_options
+    if state.logit_softcap_config is not None:
+        op_options = {**op_options, "softcap": _config_logit_softcap(model, state.logit_softcap_config)}
     result = fused_nitp_loss(
         hidden, model.lm_head.weight, shift_labels.to(hidden.device), shallow.to(hidden.device, hidden.dtype),
         getattr(model, PROJECTOR_ATTR, None), lm_bias=model.lm_head.bias, nitp_weight=state.nitp_weight,
-        loss_type=state.loss_type, reduction=reduction, **state.op_options)
+        loss_type=state.loss_type, reduction=reduction, **op_options)
     loss = result.loss
     if num_items_in_batch is not None:
         if isinstance(num_items_in_batch, Tensor):

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor
@@ -32,6 +32,8 @@ class CompileSpec:
 
     signature maps every non-constexpr argument to its Triton type ("*fp32", "i32", "fp32", ...);
     aligned names the pointer/stride arguments the JIT would see as multiples of 16 in the hot path.
+    block_v: for a kernel that loops over the vocabulary, the lanes of one iteration (the gate reports
+    iterations a pass from it); None for the others. note: printed by the gate after the figures.
     """
 
     label: str
@@ -40,3 +42,5 @@ class CompileSpec:
     constexprs: dict[str, Any]
     num_warps: int
     aligned: tuple[str, ...] = field(default_factory=tuple)
+    block_v: Optional[int] = None
+    note: str = ""

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.model.layers import MLP
+
 _GROUPED_MM_FAILED = False
 
 
@@ -66,8 +68,6 @@ class MoE(nn.Module):
         self.w_down = nn.Parameter(torch.empty(E, d, h))
         self.shared = None
         if cfg.n_shared_experts > 0:
-            from engine.model import MLP  # local import: model.py imports this module
-
             self.shared = MLP(d, cfg.n_shared_experts * cfg.shared_ffn_hidden)
 
     def _experts(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:

@@ -1,35 +1,22 @@
-"""Training data for the engine: packed fixed-length windows with a resumable, rank-sharded position.
-
-The engine calls one function::
-
-    bundle = build_data(cfg, rank=rank, world_size=world_size)
-    bundle.vocab_size                      # the model's vocabulary (cfg.vocab_size is set from it)
-    bundle.info                            # "data_*" keys merged into the run's config.json
-    batch = bundle.train.next_batch()      # input_ids, labels (and doc_ids with cfg.doc_mask)
-    sd = bundle.train.state_dict()         # plain ints: JSON-able position; load_state_dict(sd) resumes
-    for batch in bundle.val.batches(n): ...  # deterministic validation windows (bundle.val may be None)
+"""Token streams and the loaders that cut them into training and validation batches.
 
 Every source becomes a `TokenStream`: documents concatenated, each followed by an end-of-document
 (EOD) token, plus the index of where each document starts. Windows of seq_len + 1 tokens start
 at multiples of seq_len, so inputs are window[:-1], labels are window[1:] and every token of the
 stream is a label exactly once per epoch.
 
-Document masking (cfg.doc_mask): the EOD token belongs to the document it ends, so predicting
+Document masking (doc_mask): the EOD token belongs to the document it ends, so predicting
 EOD from a document's last token stays a training target (the model learns where documents end),
 while the label at the EOD position -- the first token of the *next* document -- is ignore_index.
-doc_ids number the documents inside each row from 0; `doc_attention_mask` turns them into the
-block-diagonal causal mask for scaled_dot_product_attention, `doc_cu_seqlens` into flash-attn's
-variable-length form.
+doc_ids number the documents inside each row from 0 (the model's attention turns them into a
+block-diagonal causal mask); `doc_cu_seqlens` turns them into flash-attn's variable-length form.
 
-Sources (cfg.data): "synthetic" is generated here (learnable bigram structure, for tests);
-everything else ("stdlib", local files, Hugging Face names) is prepared once into memory-mapped
-token files by `engine.corpus`.
+The sources (engine.data.synthetic, engine.data.corpus) and build_data (engine.data.build) import
+this module; it imports none of them.
 """
 
 from __future__ import annotations
 
-import hashlib
-import logging
 import math
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -38,20 +25,10 @@ import numpy as np
 import torch
 
 IGNORE_INDEX = -100
-log = logging.getLogger("engine.data")
 
 # The validation split is fixed by this seed, not cfg.seed, so runs with different seeds are
 # evaluated on the same documents and share one prepared cache.
 SPLIT_SEED = 0x5EED
-SYNTHETIC_SEED = 1234
-SYNTHETIC_TOKENS = 1 << 20
-
-
-class DataError(SystemExit):
-    """A problem with the user's data (missing path, corpus too small, ...).
-
-    A SystemExit, so the run stops with the message alone and no traceback.
-    """
 
 
 @dataclass(frozen=True)
@@ -110,18 +87,6 @@ def make_batch(stream: TokenStream, starts: np.ndarray, seq_len: int, doc_mask: 
         batch["doc_ids"] = torch.from_numpy((doc[:, :-1] - doc[:, :1]).astype(np.int32))
     batch["labels"] = torch.from_numpy(labels)
     return batch
-
-
-def doc_attention_mask(doc_ids: torch.Tensor) -> torch.Tensor:
-    """(B, T) document ids -> (B, T, T) bool, True where query t may attend to key s:
-    s <= t and both in the same document (scaled_dot_product_attention's boolean convention;
-    unsqueeze(1) to broadcast over heads)."""
-    if not isinstance(doc_ids, torch.Tensor) or doc_ids.dim() != 2:
-        raise TypeError(f"doc_ids must be a (B, T) tensor, got {type(doc_ids).__name__} "
-                        f"{tuple(getattr(doc_ids, 'shape', ()))}")
-    t = doc_ids.shape[1]
-    causal = torch.ones(t, t, dtype=torch.bool, device=doc_ids.device).tril()
-    return causal & (doc_ids[:, :, None] == doc_ids[:, None, :])
 
 
 def doc_cu_seqlens(doc_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -221,106 +186,3 @@ class ValidationSet:
             starts = np.where(w < self.n_windows, w * self.seq_len, self.stream.n_tokens)
             yield make_batch(self.stream, starts, self.seq_len, self.doc_mask, self.pad_id)
 
-
-@dataclass
-class DataBundle:
-    """What build_data returns; see the module docstring."""
-
-    vocab_size: int
-    eod_id: int
-    info: dict[str, Any]
-    train: PackedLoader
-    val: ValidationSet | None
-
-
-def synthetic_stream(vocab_size: int, n_tokens: int = SYNTHETIC_TOKENS,
-                     seed: int = SYNTHETIC_SEED) -> TokenStream:
-    """Documents from a fixed random bigram chain: every token has 4 successors with
-    probabilities 0.55/0.25/0.15/0.05, so the best cross-entropy is about 1.1 nats against
-    ln(vocab_size) at initialisation. EOD is token 0; documents are 16-256 tokens long."""
-    if not isinstance(vocab_size, int) or vocab_size < 8:
-        raise ValueError(f"vocab_size must be an int >= 8 for synthetic data, got {vocab_size!r}")
-    rng = np.random.default_rng(seed)
-    succ = rng.integers(1, vocab_size, size=(vocab_size, 4))
-    lengths = rng.integers(16, 257, size=n_tokens // 136 + 1)
-    lengths = lengths[: np.searchsorted(np.cumsum(lengths + 1), n_tokens) + 1]
-    choice = rng.choice(4, size=(len(lengths), 257), p=[0.55, 0.25, 0.15, 0.05])
-    chains = np.zeros((len(lengths), 257), dtype=np.int64)
-    chains[:, 0] = rng.integers(1, vocab_size, size=len(lengths))
-    for t in range(1, 257):  # sequential in t, vectorised over documents
-        chains[:, t] = succ[chains[:, t - 1], choice[:, t]]
-    chains[np.arange(len(lengths)), lengths] = 0  # EOD right after each document
-    keep = np.arange(257)[None, :] <= lengths[:, None]
-    doc_starts = np.concatenate([[0], np.cumsum(lengths + 1)]).astype(np.int64)
-    return TokenStream(chains[keep].astype(token_dtype(vocab_size)), doc_starts)
-
-
-def select_documents(stream: TokenStream, doc_ids: np.ndarray) -> TokenStream:
-    """A new in-memory stream holding only the given documents, in the given order."""
-    pieces = [stream.tokens[stream.doc_starts[d]:stream.doc_starts[d + 1]] for d in doc_ids]
-    lengths = np.diff(stream.doc_starts)[doc_ids]
-    tokens = np.concatenate(pieces) if pieces else stream.tokens[:0]
-    return TokenStream(np.asarray(tokens), np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
-
-
-def _synthetic(cfg: Any) -> tuple[TokenStream, TokenStream | None, int, int, dict[str, Any]]:
-    n_tokens = int(getattr(cfg, "synthetic_tokens", SYNTHETIC_TOKENS))
-    full = synthetic_stream(cfg.vocab_size, n_tokens)
-    train_ids, val_ids = split_documents(full.n_docs, _val_fraction(cfg))
-    train, val = select_documents(full, train_ids), select_documents(full, val_ids)
-    digest = hashlib.sha256(f"synthetic-v1:{cfg.vocab_size}:{n_tokens}:{SYNTHETIC_SEED}".encode())
-    info = {"data_source": "synthetic", "data_corpus_hash": digest.hexdigest(), "data_n_files": 0,
-            "data_n_docs_train": train.n_docs, "data_n_docs_val": val.n_docs,
-            "data_n_tokens_train": train.n_tokens, "data_n_tokens_val": val.n_tokens,
-            "data_tokenizer": None, "data_tokenizer_hash": None, "data_eod_id": 0}
-    return train, (val if val.n_docs else None), cfg.vocab_size, 0, info
-
-
-def _val_fraction(cfg: Any) -> float:
-    return float(getattr(cfg, "val_fraction", 0.01))
-
-
-def _check_args(cfg: Any, rank: int, world_size: int) -> None:
-    for name in ("seq_len", "micro_batch_size"):
-        value = getattr(cfg, name, None)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"cfg.{name} must be a positive int, got {value!r}")
-    if not isinstance(getattr(cfg, "seed", None), int) or cfg.seed < 0:
-        raise ValueError(f"cfg.seed must be an int >= 0, got {getattr(cfg, 'seed', None)!r}")
-    if not isinstance(getattr(cfg, "data", None), str) or not cfg.data:
-        raise TypeError(f"cfg.data must be a non-empty str, got {getattr(cfg, 'data', None)!r}")
-    if not isinstance(world_size, int) or world_size < 1:
-        raise ValueError(f"world_size must be a positive int, got {world_size!r}")
-    if not isinstance(rank, int) or not 0 <= rank < world_size:
-        raise ValueError(f"rank must be an int in [0, world_size={world_size}), got {rank!r}")
-    split_documents(0, _val_fraction(cfg))  # validates val_fraction
-
-
-def build_data(cfg: Any, rank: int = 0, world_size: int = 1) -> DataBundle:
-    """Open (preparing once if needed) cfg.data and return this rank's loaders."""
-    _check_args(cfg, rank, world_size)
-    if cfg.data == "synthetic":
-        train, val, vocab_size, eod_id, info = _synthetic(cfg)
-    else:
-        from engine.corpus import open_prepared  # tokenizers/datasets only when real data is used
-        train, val, vocab_size, eod_id, info = open_prepared(cfg, rank, world_size)
-    need = world_size * cfg.micro_batch_size * cfg.seq_len + 1
-    if train.n_tokens < need:
-        raise DataError(
-            f"--data {cfg.data!r}: the training split has {train.n_tokens} tokens, but one batch needs "
-            f"{need} (world_size {world_size} x micro_batch_size {cfg.micro_batch_size} x seq_len "
-            f"{cfg.seq_len} + 1). Use more data or a smaller seq_len / micro_batch_size.")
-    doc_mask = bool(getattr(cfg, "doc_mask", False))
-    loader = PackedLoader(train, cfg.seq_len, cfg.micro_batch_size, cfg.seed, rank, world_size,
-                          doc_mask, eod_id)
-    val_set = None
-    if val is not None and val.n_tokens >= 2:
-        val_set = ValidationSet(val, cfg.seq_len, cfg.micro_batch_size, rank, world_size, doc_mask,
-                                eod_id)
-    info = {**info, "data_n_windows_train": loader.n_windows,
-            "data_n_windows_val": val_set.n_windows if val_set else 0, "data_doc_mask": doc_mask}
-    if rank == 0:
-        log.info("data %s: %d train tokens in %d windows of %d, %d val tokens, vocabulary %d",
-                 cfg.data, train.n_tokens, loader.n_windows, cfg.seq_len,
-                 val.n_tokens if val is not None else 0, vocab_size)
-    return DataBundle(vocab_size=vocab_size, eod_id=eod_id, info=info, train=loader, val=val_set)

@@ -16,7 +16,10 @@ valid positions; the training loop divides by global counts (see engine/trainer.
 
 Initialisation: every weight normal(0, init_std) (0.02), the residual output projections
 (o_proj, down_proj, expert down projections) normal(0, init_std / sqrt(2 * n_layers)) as in
-GPT-2 / nanoGPT, norm weights one.
+GPT-2 / nanoGPT, norm weights one. The values are drawn block of rows by block of rows from
+generators seeded by (seed, parameter name, block), so a rank initialises its own shard of a
+parameter without materialising the rest, and every world size gets the same weights
+(engine/model/init.py).
 """
 
 from __future__ import annotations
@@ -29,126 +32,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.config import TrainConfig
-from engine.moe import MoE
+from engine.model.attention import DocumentMask, document_attention_path
+from engine.model.init import fill_normal_rows, local_shard
+from engine.model.layers import MLP, Attention, RMSNorm, rope_cos_sin
+from engine.model.moe import MoE
 from nitp_kernels import NITPProjector, fused_linear_cross_entropy, fused_nitp_loss
-
-try:  # pragma: no cover - flash-attn is a GPU-only extra
-    from flash_attn import flash_attn_func
-except Exception:
-    flash_attn_func = None
-
-
-class _Liger:
-    """Liger-Kernel's RMSNorm / RoPE / SwiGLU functions, imported on first use with a CUDA tensor.
-
-    Importing liger_kernel pulls in torch._dynamo (seconds of start-up per process); a CPU run never needs it.
-    """
-
-    loaded = False
-    rms_norm = rope = silu_mul = None
-
-    @classmethod
-    def ready(cls, x: torch.Tensor) -> bool:
-        if not x.is_cuda:
-            return False
-        if not cls.loaded:
-            cls.loaded = True
-            try:
-                from liger_kernel.ops.rms_norm import LigerRMSNormFunction
-                from liger_kernel.ops.rope import LigerRopeFunction
-                from liger_kernel.ops.swiglu import LigerSiLUMulFunction
-                cls.rms_norm, cls.rope, cls.silu_mul = LigerRMSNormFunction, LigerRopeFunction, LigerSiLUMulFunction
-            except Exception:  # liger is optional
-                pass
-        return cls.rms_norm is not None
-
-
-class RMSNorm(nn.Module):
-    """RMSNorm as in Llama: normalise in fp32, cast back, then scale."""
-
-    def __init__(self, dim: int, eps: float = 1e-6):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _Liger.ready(x):
-            return _Liger.rms_norm.apply(x, self.weight, self.eps, 0.0, "llama", False)
-        x32 = x.float()
-        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * y.to(x.dtype)
-
-
-def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up, through Liger's fused kernel on CUDA."""
-    if _Liger.ready(gate):
-        return _Liger.silu_mul.apply(gate, up)
-    return F.silu(gate) * up
-
-
-def rope_cos_sin(seq_len: int, head_dim: int, theta: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of shape (seq_len, head_dim) in Hugging Face's half-split layout (fp32)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
-    freqs = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
-    emb = torch.cat([freqs, freqs], dim=-1)
-    return emb.cos(), emb.sin()
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([-x2, x1], dim=-1)
-
-
-def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate q (B, H, T, D) and k (B, Hkv, T, D) by position, HF's ``apply_rotary_pos_emb``."""
-    cos, sin = cos.to(q.dtype), sin.to(q.dtype)
-    if _Liger.ready(q):
-        return _Liger.rope.apply(q, k, cos[None], sin[None])
-    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
-
-
-class Attention(nn.Module):
-    """Grouped-query causal self-attention with RoPE; optional block-diagonal document mask."""
-
-    def __init__(self, cfg: TrainConfig):
-        super().__init__()
-        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        d = cfg.d_model
-        self.q_proj = nn.Linear(d, self.n_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=False)
-
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                doc_ids: torch.Tensor | None = None) -> torch.Tensor:
-        B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, k, cos, sin)
-        if doc_ids is None and x.is_cuda and flash_attn_func is not None and x.dtype in (torch.bfloat16, torch.float16):
-            y = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
-            return self.o_proj(y.reshape(B, T, -1))
-        if doc_ids is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        else:
-            causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-            mask = causal & (doc_ids[:, :, None] == doc_ids[:, None, :])
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], enable_gqa=True)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
-
-
-class MLP(nn.Module):
-    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
-
-    def __init__(self, d_model: int, hidden: int):
-        super().__init__()
-        self.gate_proj = nn.Linear(d_model, hidden, bias=False)
-        self.up_proj = nn.Linear(d_model, hidden, bias=False)
-        self.down_proj = nn.Linear(hidden, d_model, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 class Block(nn.Module):
@@ -163,8 +51,8 @@ class Block(nn.Module):
         self.mlp = MoE(cfg) if self.is_moe else MLP(cfg.d_model, cfg.ffn_hidden)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                doc_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, doc_ids)
+                doc_mask: DocumentMask | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, doc_mask)
         h = self.post_attention_layernorm(x)
         if self.is_moe:
             out, aux = self.mlp(h)
@@ -187,9 +75,10 @@ class Backbone(nn.Module):
         x = self.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(input_ids.shape[1], self.cfg.head_dim, self.cfg.rope_theta, x.device)
         shallow = x if target_layer == 0 else None
+        doc_mask = None if doc_ids is None else DocumentMask(doc_ids).prepare(document_attention_path(x))
         aux_total = x.new_zeros((), dtype=torch.float32)
         for j, block in enumerate(self.layers, start=1):
-            x, aux = block(x, cos, sin, doc_ids)
+            x, aux = block(x, cos, sin, doc_mask)
             aux_total = aux_total + aux
             if j == target_layer:
                 shallow = x
@@ -273,15 +162,23 @@ class NITPTransformer(nn.Module):
 
     @torch.no_grad()
     def init_weights(self) -> None:
+        """Initialise every parameter in place, shard by shard (engine/model/init.py).
+
+        Meta parameters (a model built on ``torch.device("meta")`` before sharding) are left
+        alone: the caller runs this again after ``to_empty``. The values depend on cfg.seed and
+        the parameter's name only, not on the world size, the device mesh or the global RNG.
+        """
         std = self.cfg.init_std
         residual_std = std / math.sqrt(2 * self.cfg.n_layers)
         for name, p in self.named_parameters():
+            if p.is_meta:
+                continue
             if p.dim() == 1:
-                p.fill_(1.0)  # norm weights
+                local_shard(p)[0].fill_(1.0)  # norm weights
             elif name.endswith(("o_proj.weight", "down_proj.weight", "w_down")):
-                p.normal_(0.0, residual_std if "projector" not in name else std)
+                fill_normal_rows(p, residual_std if "projector" not in name else std, self.cfg.seed, name)
             else:
-                p.normal_(0.0, std)
+                fill_normal_rows(p, std, self.cfg.seed, name)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 doc_ids: torch.Tensor | None = None, aux_weight: float = 0.0,
