@@ -111,6 +111,27 @@ class Gradients:
 
 
 @dataclass
+class RowTerms:
+    """Optional per-row buffers and gradient factors of one loop run (all (N,), in the accumulation dtype).
+
+    ce, z, nitp: where the loop writes its per-row terms (else it allocates its own); the caller reads them back
+    unreduced (reduction="none", per_token.py). correct: bool, argmax(logits) == label, written from the logits
+    chunk before the CE op overwrites it (token accuracy); lse: the log-sum-exp of the (softcapped) logits of
+    every row (one extra read of each chunk, and a temporary of its size). ce_grad_scale, nitp_grad_scale: factors
+    on each row's CE (+ z) and NITP gradient, applied in the accumulation dtype in place of the reduction's 1/N
+    and nitp_weight (a per-token upstream gradient in per_token.py's backward).
+    """
+
+    ce: Optional[Tensor] = None
+    z: Optional[Tensor] = None
+    nitp: Optional[Tensor] = None
+    correct: Optional[Tensor] = None
+    lse: Optional[Tensor] = None
+    ce_grad_scale: Optional[Tensor] = None
+    nitp_grad_scale: Optional[Tensor] = None
+
+
+@dataclass
 class _Call:
     """What both passes share: the problem, the ops, the matmul plan, operands cast once, scales, buffers."""
 
@@ -121,6 +142,7 @@ class _Call:
     grads: Gradients
     ce_scale: Optional[Tensor]      # 1/N_ce for "mean", None for "sum"
     nitp_scale: Tensor              # nitp_weight (/ N_nitp for "mean")
+    rows: RowTerms
 
 
 def _autocast_off(device_type: str):
@@ -130,7 +152,8 @@ def _autocast_off(device_type: str):
     return contextlib.nullcontext()
 
 
-def run_chunks(problem: Problem, ops: ChunkOps, wants: dict[str, bool]) -> tuple[list[Tensor], Gradients]:
+def run_chunks(problem: Problem, ops: ChunkOps, wants: dict[str, bool], rows: Optional[RowTerms] = None
+               ) -> tuple[list[Tensor], Gradients]:
     """Outputs [loss, ce, nitp, z, n_ce, n_nitp, ce_grad_norm, nitp_grad_norm] (ce/nitp/z already reduced) and
     the gradients of loss = ce + nitp_weight·nitp + z_loss_weight·z for the inputs named True in `wants`.
 
@@ -138,14 +161,16 @@ def run_chunks(problem: Problem, ops: ChunkOps, wants: dict[str, bool]) -> tuple
     ||d nitp/d hidden|| (NITP unweighted by nitp_weight, so a target ratio gives λ directly); else empty tensors.
     They cost no second pass: the CE norm is one reduction over the d hidden buffer between the two passes, the
     NITP norm one reduction per NITP chunk over the product it adds.
+    rows: optional per-row buffers and per-row gradient factors (RowTerms); with gradient factors the options
+    must say reduction="sum" and nitp_weight=1 (the factors carry both).
     """
     hidden = problem.hidden
     plan = matmul_plan(hidden.device, matmul_dtype(hidden))  # before autocast is switched off
     with _autocast_off(hidden.device.type):
-        return _run(problem, ops, wants, plan)
+        return _run(problem, ops, wants, plan, rows or RowTerms())
 
 
-def _run(problem: Problem, ops: ChunkOps, wants: dict[str, bool], plan: MatmulPlan
+def _run(problem: Problem, ops: ChunkOps, wants: dict[str, bool], plan: MatmulPlan, rows: RowTerms
          ) -> tuple[list[Tensor], Gradients]:
     opts = problem.options
     hidden, labels = problem.hidden, problem.labels
@@ -164,10 +189,10 @@ def _run(problem: Problem, ops: ChunkOps, wants: dict[str, bool], plan: MatmulPl
 
     width = 0 if problem.projector is None else problem.projector[0].shape[0]
     grads = _allocate(wants, n_rows, d, vocab, width, acc, device)
-    call = _Call(problem, ops, plan, hidden.to(plan.operand_dtype), grads, ce_scale, nitp_scale)
+    call = _Call(problem, ops, plan, hidden.to(plan.operand_dtype), grads, ce_scale, nitp_scale, rows)
 
-    ce_rows = torch.empty(n_rows, dtype=acc, device=device)
-    z_rows = torch.empty(n_rows, dtype=acc, device=device)
+    ce_rows = rows.ce if rows.ce is not None else torch.empty(n_rows, dtype=acc, device=device)
+    z_rows = rows.z if rows.z is not None else torch.empty(n_rows, dtype=acc, device=device)
     _cross_entropy_pass(call, ce_rows, z_rows)
     return_norms = opts.return_grad_norms and grads.hidden is not None
     ce_norm = torch.linalg.vector_norm(grads.hidden) if return_norms else None  # CE part only, so far
@@ -175,7 +200,11 @@ def _run(problem: Problem, ops: ChunkOps, wants: dict[str, bool], plan: MatmulPl
     nitp_sum = torch.zeros((), dtype=acc, device=device)
     nitp_sq = torch.zeros((), dtype=acc, device=device) if return_norms else None
     if problem.with_nitp:
-        nitp_rows = torch.empty(n_rows - opts.shift, dtype=acc, device=device)
+        if rows.nitp is not None:
+            rows.nitp[n_rows - opts.shift:] = 0  # the last rows have no target in the flattened tensor
+            nitp_rows = rows.nitp[: n_rows - opts.shift]
+        else:
+            nitp_rows = torch.empty(n_rows - opts.shift, dtype=acc, device=device)
         _nitp_pass(call, nitp_valid, nitp_rows, nitp_sq)
         nitp_sum = nitp_rows.sum()
 
@@ -238,6 +267,7 @@ def _cross_entropy_pass(call: _Call, ce_rows: Tensor, z_rows: Tensor) -> None:
             torch.mm(h, lm_weight.T, out=logits)
         else:
             torch.addmm(lm_bias, h, lm_weight.T, out=logits)
+        _read_logits(call.rows, logits, labels, start, end, opts.softcap)
         d_logits = call.ops.cross_entropy(
             logits, labels[start:end], ignore_index=opts.ignore_index, label_smoothing=opts.label_smoothing,
             softcap=opts.softcap, z_loss_weight=opts.z_loss_weight, need_grad=need_grad,
@@ -245,14 +275,36 @@ def _cross_entropy_pass(call: _Call, ce_rows: Tensor, z_rows: Tensor) -> None:
         if d_logits is None:
             continue
         d_logits = d_logits.to(plan.operand_dtype)  # once, for every matmul below
+        # per-row factors scale d hidden's rows (after the product, in the accumulation dtype) and, for the weight
+        # gradients, the rows of h: d_logits (possibly bf16) is never multiplied, so no product p·g can flush
+        row_scale = None if call.rows.ce_grad_scale is None else call.rows.ce_grad_scale[start:end].unsqueeze(1)
         if grads.hidden is not None:
             d_h = plan.product(d_logits, lm_weight, out=grads.hidden[start:end])
             if call.ce_scale is not None:
                 d_h.mul_(call.ce_scale)
+            if row_scale is not None:
+                d_h.mul_(row_scale)
         if grads.lm_weight is not None:
-            plan.accumulate(grads.lm_weight, d_logits.T, h, first=start == 0)
+            h_rows = h if row_scale is None else (h.to(row_scale.dtype) * row_scale).to(plan.operand_dtype)
+            plan.accumulate(grads.lm_weight, d_logits.T, h_rows, first=start == 0)
         if grads.lm_bias is not None:
-            grads.lm_bias.add_(d_logits.sum(0, dtype=grads.lm_bias.dtype))
+            if row_scale is None:
+                grads.lm_bias.add_(d_logits.sum(0, dtype=grads.lm_bias.dtype))
+            else:
+                grads.lm_bias.add_(torch.mv(d_logits.T.to(row_scale.dtype), row_scale.squeeze(1)))
+
+
+def _read_logits(rows: RowTerms, logits: Tensor, labels: Tensor, start: int, end: int,
+                 softcap: Optional[float]) -> None:
+    """The per-row values read from a raw logits chunk before the CE op overwrites it (RowTerms.correct, .lse).
+    softcap is monotone, so the argmax of the raw logits is that of the softcapped ones."""
+    if rows.correct is not None:
+        torch.eq(logits.argmax(dim=-1), labels[start:end], out=rows.correct[start:end])
+    if rows.lse is not None:
+        scores = logits.to(rows.lse.dtype)
+        if softcap is not None:
+            scores = softcap * torch.tanh(scores / softcap)
+        torch.logsumexp(scores, dim=-1, out=rows.lse[start:end])
 
 
 def _nitp_pass(call: _Call, valid: Tensor, loss_rows: Tensor, grad_sq: Optional[Tensor]) -> None:
@@ -286,6 +338,10 @@ def _nitp_pass(call: _Call, valid: Tensor, loss_rows: Tensor, grad_sq: Optional[
         d_pred, d_target = ops.nitp_loss(
             pred, target, valid[start:end], loss_type=opts.loss_type, need_grad=need_grad,
             need_target_grad=grads.shallow is not None, loss_out=loss_rows[start:end])
+        if call.rows.nitp_grad_scale is not None:  # per-row factors, in the accumulation dtype (d pred's)
+            row_scale = call.rows.nitp_grad_scale[start:end].unsqueeze(1)
+            d_pred = None if d_pred is None else d_pred.mul_(row_scale)
+            d_target = None if d_target is None else d_target.mul_(row_scale)
         if d_target is not None:
             torch.mul(d_target, call.nitp_scale, out=grads.shallow[start + shift:end + shift])
         if d_pred is None:
@@ -311,8 +367,8 @@ class FusedNITPFunction(torch.autograd.Function):
     """Autograd wrapper: forward runs the chunk loop and saves only gradient buffers; backward scales them."""
 
     @staticmethod
-    def forward(ctx, hidden, lm_weight, lm_bias, shallow, w_gate, w_up, w_down, problem, ops, wants):
-        (loss, ce, nitp, z, n_ce, n_nitp, ce_norm, nitp_norm), grads = run_chunks(problem, ops, wants)
+    def forward(ctx, hidden, lm_weight, lm_bias, shallow, w_gate, w_up, w_down, problem, ops, wants, rows):
+        (loss, ce, nitp, z, n_ce, n_nitp, ce_norm, nitp_norm), grads = run_chunks(problem, ops, wants, rows)
 
         def to_input(buffer: Optional[Tensor], like: Optional[Tensor], shape=None) -> Optional[Tensor]:
             if buffer is None:
@@ -350,10 +406,10 @@ class FusedNITPFunction(torch.autograd.Function):
             for grad in grads:
                 if grad is not None:
                     grad.data.mul_(grad_loss)
-            return (*grads, None, None, None)
+            return (*grads, None, None, None, None)
         # A repeated backward (retain_graph=True, gradcheck): fresh tensors, the first results stay untouched.
         if bool(ctx.first_scale == 0):
             raise RuntimeError("fused NITP loss: the first backward through this forward had gradient 0, which "
                                "erased its gradient buffers; run the forward again")
         factor = grad_loss / ctx.first_scale
-        return (*[None if g is None else g * factor for g in grads], None, None, None)
+        return (*[None if g is None else g * factor for g in grads], None, None, None, None)

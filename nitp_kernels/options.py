@@ -39,6 +39,8 @@ class LossOptions:
     softcap: Optional[float] = None
     chunk_size: Optional[int] = None
     return_grad_norms: bool = False
+    return_token_accuracy: bool = False
+    return_lse: bool = False
 
 
 @dataclass
@@ -73,7 +75,7 @@ def validate_options(
     *, nitp_weight: float = 1.0, loss_type: str = "cosine", shift: int = 1, stop_gradient: bool = True,
     ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
     z_loss_weight: float = 0.0, softcap: Optional[float] = None, chunk_size: Optional[int] = None,
-    return_grad_norms: bool = False,
+    return_grad_norms: bool = False, return_token_accuracy: bool = False, return_lse: bool = False,
 ) -> LossOptions:
     if not _is_number(nitp_weight) or not nitp_weight >= 0:
         raise ValueError(f"nitp_weight must be a number >= 0, got {nitp_weight!r}")
@@ -98,9 +100,19 @@ def validate_options(
         raise ValueError(f"chunk_size must be None or an int >= 1, got {chunk_size!r}")
     if not isinstance(return_grad_norms, bool):
         raise TypeError(f"return_grad_norms must be a bool, got {type(return_grad_norms).__name__}")
+    if return_grad_norms and reduction == "none":
+        raise ValueError("return_grad_norms=True needs reduction 'mean' or 'sum' (the norms are those of the "
+                         "gradient of a scalar loss), got reduction='none'")
+    for name, flag in (("return_token_accuracy", return_token_accuracy), ("return_lse", return_lse)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+    if return_lse and reduction != "none":
+        raise ValueError(f"return_lse=True needs reduction='none' (the log-sum-exp is per token), "
+                         f"got reduction={reduction!r}")
     return LossOptions(float(nitp_weight), loss_type, shift, stop_gradient, ignore_index, reduction,
                        float(label_smoothing), float(z_loss_weight),
-                       None if softcap is None else float(softcap), chunk_size, return_grad_norms)
+                       None if softcap is None else float(softcap), chunk_size, return_grad_norms,
+                       return_token_accuracy, return_lse)
 
 
 def _check_float_tensor(name: str, tensor: object) -> Tensor:
