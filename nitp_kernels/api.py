@@ -185,15 +185,28 @@ def fused_linear_cross_entropy(
     position with reduction="none" (labels' shape, right for any upstream gradient; recomputed in backward).
     With return_token_accuracy or return_lse (reduction="none") a LinearCrossEntropyOutput instead.
     """
+    out = linear_cross_entropy_outputs(
+        hidden, lm_weight, labels, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
+        z_loss_weight=z_loss_weight, softcap=softcap, lm_bias=lm_bias, chunk_size=chunk_size, backend=backend,
+        return_token_accuracy=return_token_accuracy, return_lse=return_lse)
+    if not (return_token_accuracy or return_lse):
+        return out.loss
+    return out
+
+
+def linear_cross_entropy_outputs(
+    hidden: Tensor, lm_weight: Tensor, labels: Tensor, *, ignore_index: int = -100, reduction: str = "mean",
+    label_smoothing: float = 0.0, z_loss_weight: float = 0.0, softcap: Optional[float] = None,
+    lm_bias: Optional[Tensor] = None, chunk_size: Optional[int] = None, backend: str = "auto",
+    return_token_accuracy: bool = False, return_lse: bool = False,
+) -> LinearCrossEntropyOutput:
+    """fused_linear_cross_entropy, always with its LinearCrossEntropyOutput (the compat layers' entry point)."""
     options = validate_options(ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
                                z_loss_weight=z_loss_weight, softcap=softcap, chunk_size=chunk_size,
                                return_token_accuracy=return_token_accuracy, return_lse=return_lse)
     problem = build_problem(hidden, lm_weight, labels, None, None, options, seq_len=None, lm_bias=lm_bias,
                             with_nitp=False)
-    backend = resolve_backend(backend, problem.hidden)
-    out = _run(problem, backend)
-    if not (return_token_accuracy or return_lse):
-        return out.loss
+    out = _run(problem, resolve_backend(backend, problem.hidden))
     return LinearCrossEntropyOutput(out.loss, out.z_loss, out.token_accuracy, out.lse)
 
 
