@@ -7,11 +7,12 @@ from typing import NamedTuple, Optional, Union
 import torch
 from torch import Tensor
 
-from .chunked import ChunkOps, FusedNITPFunction, RowTerms, run_chunks
+from .chunked import ChunkOps, FusedNITPFunction, run_chunks
 from .contract import BACKENDS, accumulation_dtype
 from .options import LossOptions, Problem, ProjectorArg, build_problem, validate_options
 from .per_token import PerTokenFunction
 from .reference import reference_losses
+from .row_terms import RowTerms
 from .torch_ops import TorchChunkOps
 
 
@@ -84,13 +85,20 @@ def _run(problem: Problem, backend: str) -> NITPLossOutput:
     opts = problem.options
     if backend == "reference":
         loss, ce, nitp, z, n_ce, n_nitp, accuracy, lse, *norms = reference_losses(problem)
-    elif opts.reduction == "none":
+    elif opts.reduction == "none" or problem.ce_weight is not None:
         loss, ce, nitp, z, n_ce, n_nitp, accuracy, lse = PerTokenFunction.apply(
             problem.hidden, problem.lm_weight, problem.lm_bias, problem.shallow,
             *(problem.projector or (None, None, None)), problem, _chunk_ops(backend))
         accuracy = accuracy if opts.return_token_accuracy else None
         lse = lse if opts.return_lse else None
         norms = []
+        if opts.reduction != "none":  # class weights: per-row terms with their factors, summed here
+            loss, ce, nitp, z = loss.sum(), ce.sum(), nitp.sum(), z.sum()
+            if opts.reduction == "mean":
+                acc = loss.dtype
+                nitp, z = nitp / n_nitp.clamp_min(1).to(acc), z / n_ce.clamp_min(1).to(acc)
+            if accuracy is not None:
+                accuracy = accuracy.sum() / n_ce.clamp_min(1).to(accuracy.dtype)
     else:
         loss, ce, nitp, z, n_ce, n_nitp, accuracy, *norms = _run_fused(problem, _chunk_ops(backend))
         lse = None
@@ -149,6 +157,7 @@ def fused_nitp_loss(
     label_smoothing: float = 0.0, z_loss_weight: float = 0.0, softcap: Optional[float] = None,
     lm_bias: Optional[Tensor] = None, chunk_size: Optional[int] = None, backend: str = "auto",
     return_grad_norms: bool = False, return_token_accuracy: bool = False, return_lse: bool = False,
+    ce_weight: Optional[Tensor] = None,
 ) -> NITPLossOutput:
     """Cross-entropy of the LM head plus the NITP loss, fused, without materialising logits.
 
@@ -161,6 +170,8 @@ def fused_nitp_loss(
     reduction="none" returns per-position terms (NITPLossOutput) whose gradients are right for any upstream
     gradient; it recomputes chunk by chunk in backward (per_token.py: memory and time). return_token_accuracy
     adds the argmax accuracy over positions with a label; return_lse (reduction="none") each position's lse.
+    ce_weight (V,): class weights with F.cross_entropy's semantics (weighted mean over the labelled positions'
+    weights; z stays unweighted; not with label_smoothing); it takes the recomputing path of reduction="none".
     """
     options = validate_options(
         nitp_weight=nitp_weight, loss_type=loss_type, shift=shift, stop_gradient=stop_gradient,
@@ -168,7 +179,7 @@ def fused_nitp_loss(
         z_loss_weight=z_loss_weight, softcap=softcap, chunk_size=chunk_size, return_grad_norms=return_grad_norms,
         return_token_accuracy=return_token_accuracy, return_lse=return_lse)
     problem = build_problem(hidden, lm_weight, labels, shallow, projector, options, seq_len=seq_len,
-                            lm_bias=lm_bias, with_nitp=True)
+                            lm_bias=lm_bias, with_nitp=True, ce_weight=ce_weight)
     backend = resolve_backend(backend, problem.hidden)
     return _run(problem, backend)
 
@@ -177,18 +188,19 @@ def fused_linear_cross_entropy(
     hidden: Tensor, lm_weight: Tensor, labels: Tensor, *, ignore_index: int = -100, reduction: str = "mean",
     label_smoothing: float = 0.0, z_loss_weight: float = 0.0, softcap: Optional[float] = None,
     lm_bias: Optional[Tensor] = None, chunk_size: Optional[int] = None, backend: str = "auto",
-    return_token_accuracy: bool = False, return_lse: bool = False,
+    return_token_accuracy: bool = False, return_lse: bool = False, ce_weight: Optional[Tensor] = None,
 ) -> Union[Tensor, LinearCrossEntropyOutput]:
     """Cross-entropy (+ optional z-loss) of hidden @ lm_weight.T against labels, without materialising logits.
 
     hidden: (..., d); labels: hidden.shape[:-1], already shifted. Returns the loss (ce + z_loss_weight·z), per
     position with reduction="none" (labels' shape, right for any upstream gradient; recomputed in backward).
     With return_token_accuracy or return_lse (reduction="none") a LinearCrossEntropyOutput instead.
+    ce_weight (V,): class weights, as F.cross_entropy's `weight` (see fused_nitp_loss).
     """
     out = linear_cross_entropy_outputs(
         hidden, lm_weight, labels, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
         z_loss_weight=z_loss_weight, softcap=softcap, lm_bias=lm_bias, chunk_size=chunk_size, backend=backend,
-        return_token_accuracy=return_token_accuracy, return_lse=return_lse)
+        return_token_accuracy=return_token_accuracy, return_lse=return_lse, ce_weight=ce_weight)
     if not (return_token_accuracy or return_lse):
         return out.loss
     return out
@@ -198,14 +210,14 @@ def linear_cross_entropy_outputs(
     hidden: Tensor, lm_weight: Tensor, labels: Tensor, *, ignore_index: int = -100, reduction: str = "mean",
     label_smoothing: float = 0.0, z_loss_weight: float = 0.0, softcap: Optional[float] = None,
     lm_bias: Optional[Tensor] = None, chunk_size: Optional[int] = None, backend: str = "auto",
-    return_token_accuracy: bool = False, return_lse: bool = False,
+    return_token_accuracy: bool = False, return_lse: bool = False, ce_weight: Optional[Tensor] = None,
 ) -> LinearCrossEntropyOutput:
     """fused_linear_cross_entropy, always with its LinearCrossEntropyOutput (the compat layers' entry point)."""
     options = validate_options(ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
                                z_loss_weight=z_loss_weight, softcap=softcap, chunk_size=chunk_size,
                                return_token_accuracy=return_token_accuracy, return_lse=return_lse)
     problem = build_problem(hidden, lm_weight, labels, None, None, options, seq_len=None, lm_bias=lm_bias,
-                            with_nitp=False)
+                            with_nitp=False, ce_weight=ce_weight)
     out = _run(problem, resolve_backend(backend, problem.hidden))
     return LinearCrossEntropyOutput(out.loss, out.z_loss, out.token_accuracy, out.lse)
 

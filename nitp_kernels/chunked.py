@@ -30,6 +30,7 @@ from torch import Tensor
 from .contract import accumulation_dtype, valid_positions
 from .matmuls import MatmulPlan, matmul_dtype, matmul_plan
 from .options import Problem
+from .row_terms import RowTerms, add_label_column, label_correction, label_scores, read_logits
 
 MIN_CHUNK_ROWS = 256
 
@@ -108,27 +109,6 @@ class Gradients:
     shallow: Optional[Tensor] = None
     gate_up: Optional[Tensor] = None  # (2H, d): [d w_gate; d w_up] from one GEMM
     w_down: Optional[Tensor] = None
-
-
-@dataclass
-class RowTerms:
-    """Optional per-row buffers and gradient factors of one loop run (all (N,), in the accumulation dtype).
-
-    ce, z, nitp: where the loop writes its per-row terms (else it allocates its own); the caller reads them back
-    unreduced (reduction="none", per_token.py). correct: bool, argmax(logits) == label, written from the logits
-    chunk before the CE op overwrites it (token accuracy); lse: the log-sum-exp of the (softcapped) logits of
-    every row (one extra read of each chunk, and a temporary of its size). ce_grad_scale, nitp_grad_scale: factors
-    on each row's CE (+ z) and NITP gradient, applied in the accumulation dtype in place of the reduction's 1/N
-    and nitp_weight (a per-token upstream gradient in per_token.py's backward).
-    """
-
-    ce: Optional[Tensor] = None
-    z: Optional[Tensor] = None
-    nitp: Optional[Tensor] = None
-    correct: Optional[Tensor] = None
-    lse: Optional[Tensor] = None
-    ce_grad_scale: Optional[Tensor] = None
-    nitp_grad_scale: Optional[Tensor] = None
 
 
 @dataclass
@@ -267,10 +247,12 @@ def _cross_entropy_pass(call: _Call, ce_rows: Tensor, z_rows: Tensor) -> None:
             torch.mm(h, lm_weight.T, out=logits)
         else:
             torch.addmm(lm_bias, h, lm_weight.T, out=logits)
-        _read_logits(call.rows, logits, labels, start, end, opts.softcap)
+        read_logits(call.rows, logits, labels, start, end, opts.softcap)
+        separate_z = need_grad and call.rows.z_grad_scale is not None
+        label_score = label_scores(logits, labels[start:end], opts.ignore_index, opts.softcap) if separate_z else None
         d_logits = call.ops.cross_entropy(
             logits, labels[start:end], ignore_index=opts.ignore_index, label_smoothing=opts.label_smoothing,
-            softcap=opts.softcap, z_loss_weight=opts.z_loss_weight, need_grad=need_grad,
+            softcap=opts.softcap, z_loss_weight=0.0 if separate_z else opts.z_loss_weight, need_grad=need_grad,
             ce_out=ce_rows[start:end], z_out=z_rows[start:end])
         if d_logits is None:
             continue
@@ -278,6 +260,9 @@ def _cross_entropy_pass(call: _Call, ce_rows: Tensor, z_rows: Tensor) -> None:
         # per-row factors scale d hidden's rows (after the product, in the accumulation dtype) and, for the weight
         # gradients, the rows of h: d_logits (possibly bf16) is never multiplied, so no product p·g can flush
         row_scale = None if call.rows.ce_grad_scale is None else call.rows.ce_grad_scale[start:end].unsqueeze(1)
+        label_coef = None
+        if separate_z:
+            row_scale, label_coef = label_correction(call.rows, ce_rows[start:end], label_score, start, end)
         if grads.hidden is not None:
             d_h = plan.product(d_logits, lm_weight, out=grads.hidden[start:end])
             if call.ce_scale is not None:
@@ -292,19 +277,9 @@ def _cross_entropy_pass(call: _Call, ce_rows: Tensor, z_rows: Tensor) -> None:
                 grads.lm_bias.add_(d_logits.sum(0, dtype=grads.lm_bias.dtype))
             else:
                 grads.lm_bias.add_(torch.mv(d_logits.T.to(row_scale.dtype), row_scale.squeeze(1)))
-
-
-def _read_logits(rows: RowTerms, logits: Tensor, labels: Tensor, start: int, end: int,
-                 softcap: Optional[float]) -> None:
-    """The per-row values read from a raw logits chunk before the CE op overwrites it (RowTerms.correct, .lse).
-    softcap is monotone, so the argmax of the raw logits is that of the softcapped ones."""
-    if rows.correct is not None:
-        torch.eq(logits.argmax(dim=-1), labels[start:end], out=rows.correct[start:end])
-    if rows.lse is not None:
-        scores = logits.to(rows.lse.dtype)
-        if softcap is not None:
-            scores = softcap * torch.tanh(scores / softcap)
-        torch.logsumexp(scores, dim=-1, out=rows.lse[start:end])
+        if label_coef is not None:
+            add_label_column(label_coef, label_score[2], h, lm_weight, None if grads.hidden is None
+                             else grads.hidden[start:end], grads.lm_weight, grads.lm_bias)
 
 
 def _nitp_pass(call: _Call, valid: Tensor, loss_rows: Tensor, grad_sq: Optional[Tensor]) -> None:

@@ -61,6 +61,7 @@ class Problem:
     options: LossOptions
     hidden_input: Tensor  # the caller's tensors, which autograd differentiates
     shallow_input: Optional[Tensor]
+    ce_weight: Optional[Tensor] = None  # (V,) class weights of the CE term (F.cross_entropy's `weight`)
 
     @property
     def with_nitp(self) -> bool:
@@ -156,6 +157,7 @@ def _check_labels_range(labels: Tensor, vocab: int, ignore_index: int) -> None:
 def build_problem(
     hidden: Tensor, lm_weight: Tensor, labels: Tensor, shallow: Optional[Tensor], projector: ProjectorArg,
     options: LossOptions, *, seq_len: Optional[int], lm_bias: Optional[Tensor], with_nitp: bool,
+    ce_weight: Optional[Tensor] = None,
 ) -> Problem:
     """Check shapes, dtypes and devices; flatten to (N, d). Raises ValueError/TypeError naming the argument."""
     _check_float_tensor("hidden", hidden)
@@ -186,6 +188,17 @@ def build_problem(
         _check_float_tensor("lm_bias", lm_bias)
         if lm_bias.shape != (vocab,):
             raise ValueError(f"lm_bias must be (V={vocab},), got shape {tuple(lm_bias.shape)}")
+    if ce_weight is not None:
+        _check_float_tensor("ce_weight", ce_weight)
+        if ce_weight.shape != (vocab,):
+            raise ValueError(f"ce_weight must be (V={vocab},), got shape {tuple(ce_weight.shape)}")
+        if options.label_smoothing:
+            raise ValueError(f"ce_weight with label_smoothing={options.label_smoothing} is not implemented; "
+                             "use one or the other (label_smoothing=0.0 with ce_weight)")
+        if options.return_grad_norms:
+            raise ValueError("return_grad_norms=True is not implemented with ce_weight")
+        if ce_weight.requires_grad:
+            raise ValueError("ce_weight must not require grad (class weights are constants here)")
     if not isinstance(labels, Tensor):
         raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
     if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
@@ -212,7 +225,8 @@ def build_problem(
                 raise ValueError(f"projector weights must be w_gate (H, {d}), w_up (H, {d}), w_down ({d}, H); got "
                                  f"{tuple(w_gate.shape)}, {tuple(w_up.shape)}, {tuple(w_down.shape)}")
 
-    named = [("lm_weight", lm_weight), ("labels", labels), ("lm_bias", lm_bias), ("shallow", shallow)]
+    named = [("lm_weight", lm_weight), ("labels", labels), ("lm_bias", lm_bias), ("shallow", shallow),
+             ("ce_weight", ce_weight)]
     if weights is not None:
         named += list(zip(("projector.w_gate", "projector.w_up", "projector.w_down"), weights))
     for name, tensor in named:
@@ -228,5 +242,5 @@ def build_problem(
         labels=labels.reshape(n_rows).long(),
         shallow=shallow.reshape(n_rows, d) if with_nitp else None,
         projector=weights, seq_len=seq_len, options=options, hidden_input=hidden,
-        shallow_input=shallow if with_nitp else None,
+        shallow_input=shallow if with_nitp else None, ce_weight=ce_weight,
     )

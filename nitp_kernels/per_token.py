@@ -5,7 +5,7 @@ scalar in backward. With a per-token loss the upstream gradient g (one value per
 backward, and it weighs each row differently, so this path works the other way round:
 
 - forward runs the chunk loop without gradients (losses only) and keeps the per-row CE, z and NITP terms
-  (chunked.RowTerms); the per-token loss is ce + nitp_weight·nitp + z_loss_weight·z;
+  (row_terms.RowTerms); the per-token loss is ce + nitp_weight·nitp + z_loss_weight·z;
 - it saves the inputs (hidden, lm_weight, lm_bias, shallow, the projector weights: references to the caller's
   tensors, no copies), never logits;
 - backward runs the whole chunk loop again, with gradients, each row's CE (+ z) gradient scaled by g[t] and its
@@ -18,17 +18,52 @@ path's whole loop in backward: the V-sized work of the cross-entropy pass is one
 matmuls per chunk, so this mode does about 4/3 of the fused path's V-sized work (an estimate from the count of
 matmuls, not a measurement), and the projector's forward twice. A repeated backward (retain_graph=True)
 recomputes again.
+
+Class weights (ce_weight) take this path for every reduction: each row's CE is weighted by ce_weight[label], the
+weighted mean divides by the summed weights of the labelled rows (F.cross_entropy's rule), the z term stays
+unweighted (Liger's rule). The loss is then a sum of per-row terms with per-row factors (_row_factors), summed
+for "mean"/"sum"; the factors of CE and z differ per row, so backward hands the loop separate ones (RowTerms).
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
 
-from .chunked import ChunkOps, RowTerms, run_chunks
+from .chunked import ChunkOps, run_chunks
 from .options import Problem
+from .row_terms import RowTerms
+
+
+class RowFactors(NamedTuple):
+    """(N,) factors: loss = sum over rows of ce·ce_rows + z·z_rows + nitp·nitp_rows (per row for "none")."""
+
+    ce: Tensor
+    z: Tensor
+    nitp: Tensor
+
+
+def _row_factors(problem: Problem, n_ce: Tensor, n_nitp: Tensor, acc: torch.dtype) -> RowFactors:
+    opts = problem.options
+    labels = problem.labels
+    n_rows = labels.shape[0]
+    labelled = labels != opts.ignore_index
+    if problem.ce_weight is None:
+        class_weight = labelled.to(acc)
+    else:
+        class_weight = torch.where(labelled, problem.ce_weight.to(acc)[torch.where(labelled, labels, 0)], 0.0)
+    z = torch.full((), opts.z_loss_weight, dtype=acc, device=labels.device)
+    nitp = torch.full((), opts.nitp_weight, dtype=acc, device=labels.device)
+    ce = class_weight
+    if opts.reduction == "mean":
+        # F.cross_entropy's weighted mean; with no labelled row every term is 0 (the contract)
+        total = class_weight.sum() if problem.ce_weight is not None else n_ce.to(acc)
+        ce = class_weight / torch.where(n_ce > 0, total, torch.ones_like(total))
+        z = z / n_ce.clamp_min(1).to(acc)
+        nitp = nitp / n_nitp.clamp_min(1).to(acc)
+    return RowFactors(ce, z * labelled, nitp.expand(n_rows))
 
 
 def _row_buffers(problem: Problem, acc: torch.dtype) -> RowTerms:
@@ -47,8 +82,10 @@ def _row_buffers(problem: Problem, acc: torch.dtype) -> RowTerms:
 class PerTokenFunction(torch.autograd.Function):
     """Autograd wrapper of reduction="none": losses in forward, the chunk loop with per-row factors in backward.
 
-    Outputs (N,) each, in the accumulation dtype: loss (differentiable), ce, nitp, z; then n_ce, n_nitp,
-    the rows' correctness (float, 0 on ignored rows; empty unless asked) and their lse (empty unless asked).
+    Outputs (N,) each, in the accumulation dtype: the loss rows (differentiable; per position for "none", to be
+    summed for "mean"/"sum"), the CE rows times their factor (weighted, normalised for "mean"), and the raw NITP
+    and z rows; then n_ce, n_nitp, the rows' correctness (float, 0 on ignored rows; empty unless asked) and their
+    lse (empty unless asked).
     """
 
     @staticmethod
@@ -59,15 +96,17 @@ class PerTokenFunction(torch.autograd.Function):
         with torch.no_grad():
             (_, _, _, _, n_ce, n_nitp, _, _), _ = run_chunks(problem, ops, no_grads, rows)
         opts = problem.options
-        loss = rows.ce + opts.nitp_weight * rows.nitp + opts.z_loss_weight * rows.z
+        factors = _row_factors(problem, n_ce, n_nitp, acc)
+        ce_terms = factors.ce * rows.ce
+        loss = ce_terms + factors.nitp * rows.nitp + factors.z * rows.z
         ce_valid = problem.labels != opts.ignore_index
         empty = loss.new_empty(0)
         correct = empty if rows.correct is None else (rows.correct & ce_valid).to(acc)
         lse = empty if rows.lse is None else rows.lse
-        ctx.problem, ctx.ops = problem, ops
+        ctx.problem, ctx.ops, ctx.factors = problem, ops, factors
         ctx.save_for_backward(hidden, lm_weight, lm_bias, shallow, w_gate, w_up, w_down)
-        ctx.mark_non_differentiable(rows.ce, rows.z, rows.nitp, n_ce, n_nitp, correct, lse)
-        return loss, rows.ce, rows.nitp, rows.z, n_ce, n_nitp, correct, lse
+        ctx.mark_non_differentiable(ce_terms, rows.z, rows.nitp, n_ce, n_nitp, correct, lse)
+        return loss, ce_terms, rows.nitp, rows.z, n_ce, n_nitp, correct, lse
 
     @staticmethod
     def backward(ctx, grad_loss, *unused):
@@ -86,7 +125,10 @@ class PerTokenFunction(torch.autograd.Function):
         problem = dataclasses.replace(
             problem, options=dataclasses.replace(opts, reduction="sum", nitp_weight=1.0,
                                                  return_token_accuracy=False, return_lse=False))
-        rows = RowTerms(ce_grad_scale=grad_rows, nitp_grad_scale=grad_rows * opts.nitp_weight)
+        factors: RowFactors = ctx.factors
+        rows = RowTerms(ce_grad_scale=grad_rows * factors.ce, nitp_grad_scale=grad_rows * factors.nitp)
+        if problem.ce_weight is not None and opts.z_loss_weight:
+            rows.z_grad_scale = grad_rows * factors.z  # not z_loss_weight times the CE's: weights scale CE only
         with torch.no_grad():
             _, grads = run_chunks(problem, ctx.ops, wants, rows)
 

@@ -47,8 +47,9 @@ def reference_losses(problem: Problem) -> tuple[Tensor, ...]:
     labels = problem.labels
     ce_mask = labels != opts.ignore_index
     n_ce = ce_mask.sum()
-    ce_rows = F.cross_entropy(logits, labels, ignore_index=opts.ignore_index, reduction="none",
-                              label_smoothing=opts.label_smoothing)
+    class_weight = None if problem.ce_weight is None else problem.ce_weight.to(acc)
+    ce_rows = F.cross_entropy(logits, labels, weight=class_weight, ignore_index=opts.ignore_index,
+                              reduction="none", label_smoothing=opts.label_smoothing)
     lse = torch.logsumexp(logits, -1)
     z_rows = torch.where(ce_mask, lse ** 2, 0.0)
     ce_sum, z_sum = ce_rows.sum(), z_rows.sum()
@@ -84,7 +85,11 @@ def reference_losses(problem: Problem) -> tuple[Tensor, ...]:
         return (loss_rows, ce_rows.detach(), nitp_rows.detach(), z_rows.detach(), n_ce, n_nitp, accuracy,
                 lse.detach() if opts.return_lse else None)
     if opts.reduction == "mean":
-        ce = ce_sum / n_ce.clamp_min(1)
+        if class_weight is None:
+            ce = ce_sum / n_ce.clamp_min(1)
+        else:  # F.cross_entropy's weighted mean: divided by the summed weights of the labelled positions
+            weight_sum = class_weight[labels[ce_mask]].sum()
+            ce = ce_sum / weight_sum if bool(n_ce > 0) else ce_sum
         z = z_sum / n_ce.clamp_min(1)
         nitp = nitp_sum / n_nitp.clamp_min(1)
     else:

@@ -64,12 +64,10 @@ def liger_fused_linear_cross_entropy(
     for name, flag in (("return_z_loss", return_z_loss), ("return_token_accuracy", return_token_accuracy)):
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
-    if ce_weight is not None:
-        raise ValueError("ce_weight is not implemented by nitp_kernels yet; only None is accepted")
     out = linear_cross_entropy_outputs(
         input, weight, target, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
         z_loss_weight=lse_square_scale, softcap=softcap, lm_bias=bias, backend=backend,
-        return_token_accuracy=return_token_accuracy)
+        return_token_accuracy=return_token_accuracy, ce_weight=ce_weight)
     if not return_z_loss and not return_token_accuracy:
         return out.loss
     return CrossEntropyOutput(loss=out.loss, z_loss=lse_square_scale * out.z_loss if return_z_loss else None,
