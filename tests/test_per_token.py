@@ -173,3 +173,17 @@ def test_per_row_factors_in_the_cuda_layout(monkeypatch):
     for name, g, w in zip(("hidden", "lm_weight", "lm_bias"), got, want):
         err = (g.double() - w).abs().max() / w.abs().max()
         assert err < 2e-3, f"d {name} relative error {err:.2e}"
+
+
+def test_backward_recomputes_in_the_forward_autocast_dtype(monkeypatch):
+    """Under torch.autocast the forward's matmuls follow the autocast dtype; backward, which runs outside the
+    autocast region, must recompute in that same dtype (the loop is asked for it through matmul_dtype)."""
+    import nitp_kernels.chunked as chunked
+    seen = []
+    real = chunked.matmul_dtype
+    monkeypatch.setattr(chunked, "matmul_dtype", lambda t: seen.append(real(t)) or seen[-1])
+    hidden, lm_weight, _, labels = _ce_problem(torch.float32, seed=5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = fused_linear_cross_entropy(hidden, lm_weight, labels, reduction="none", backend="torch")
+    loss.sum().backward()
+    assert seen == [torch.bfloat16, torch.bfloat16]
