@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nitp_kernels.compat.cce import linear_cross_entropy
+from nitp_kernels.compat.cce import LinearCrossEntropy, linear_cross_entropy
 
 IGNORE = -100
 SHAPES = [(256, 512, 128), (252, 507, 128), (252, 507, 123)]
@@ -148,3 +148,11 @@ def test_old_positional_order_is_refused_not_taken_as_bias():
         linear_cross_entropy(e, c, targets, -100)
     for preset in (None, "auto", "high"):  # CCE's defaults are accepted: exact gradients are computed
         linear_cross_entropy(e, c, targets, filter_eps=preset)
+
+
+def test_module_form_equals_the_function():
+    e, c, bias, targets = _inputs((252, 507, 123), torch.float32, True, True)
+    module = LinearCrossEntropy(softcap=20.0, reduction="sum", shift=2)
+    torch.testing.assert_close(module(e, c, targets, bias), _plain(e, c, targets, bias, 20.0, 2, "sum"))
+    with pytest.raises(ValueError, match="filter_eps must be one of"):
+        LinearCrossEntropy(filter_eps=0.1)

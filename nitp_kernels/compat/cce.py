@@ -3,6 +3,7 @@
 Switch by changing one import:
     from cut_cross_entropy import linear_cross_entropy      # before
     from nitp_kernels.compat.cce import linear_cross_entropy  # after
+(and likewise the module form LinearCrossEntropy(ignore_index, softcap, reduction, shift, ...)).
 
 linear_cross_entropy(e, c, targets, bias=None, ignore_index=-100, softcap=None, reduction="mean", shift=0, ...):
 the argument order of CCE's current release (bias fourth; CCE 25.1.1 had no bias, and a number passed fourth is
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 from typing import Any, Optional, Union
 
+import torch
 from torch import Tensor
 
 from ..api import linear_cross_entropy_outputs
@@ -89,4 +91,21 @@ def linear_cross_entropy(
     return loss, out.lse
 
 
-__all__ = ["linear_cross_entropy"]
+class LinearCrossEntropy(torch.nn.Module):
+    """CCE's module form: the options at construction, forward(e, c, targets, bias=None)."""
+
+    def __init__(self, ignore_index: int = -100, softcap: Optional[float] = None, reduction: str = "mean",
+                 shift: Union[bool, int] = 0, filter_eps: Union[float, str, None] = "auto",
+                 accum_e_fp32: bool = False, accum_c_fp32: bool = False, filter_e_grad: bool = True,
+                 filter_c_grad: bool = True, impl: Any = "cce", *, backend: str = "auto") -> None:
+        super().__init__()
+        _check_unimplemented(filter_eps, accum_e_fp32, accum_c_fp32, filter_e_grad, filter_c_grad, impl, None)
+        self.options = dict(ignore_index=ignore_index, softcap=softcap, reduction=reduction, shift=shift,
+                            filter_eps=filter_eps, accum_e_fp32=accum_e_fp32, accum_c_fp32=accum_c_fp32,
+                            filter_e_grad=filter_e_grad, filter_c_grad=filter_c_grad, impl=impl, backend=backend)
+
+    def forward(self, e: Tensor, c: Tensor, targets: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+        return linear_cross_entropy(e, c, targets, bias=bias, **self.options)
+
+
+__all__ = ["LinearCrossEntropy", "linear_cross_entropy"]
