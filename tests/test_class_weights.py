@@ -103,3 +103,16 @@ def test_bad_class_weights_are_refused_by_name(kwargs, error, message):
     kwargs = dict(dict(ce_weight=p["ce_weight"]), **kwargs)
     with pytest.raises(error, match=message):
         fused_linear_cross_entropy(p["hidden"], p["lm_weight"], p["labels"], **kwargs)
+
+
+def test_module_form_holds_the_class_weights_as_a_buffer():
+    from nitp_kernels import NITPLoss
+    p = _problem(torch.float64, seed=2)
+    module = NITPLoss(ce_weight=p["ce_weight"], z_loss_weight=1e-2, backend="torch", return_token_accuracy=True)
+    assert "ce_weight" in dict(module.named_buffers())
+    got = module(p["hidden"], p["lm_weight"], p["labels"], p["shallow"], p["projector"])
+    want = fused_nitp_loss(p["hidden"], p["lm_weight"], p["labels"], p["shallow"], p["projector"],
+                           ce_weight=p["ce_weight"], z_loss_weight=1e-2, backend="reference",
+                           return_token_accuracy=True)
+    for name in ("loss", "ce_loss", "nitp_loss", "z_loss", "token_accuracy"):
+        torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=1e-10, atol=1e-12)
