@@ -171,7 +171,8 @@ def fused_nitp_loss(
     gradient; it recomputes chunk by chunk in backward (per_token.py: memory and time). return_token_accuracy
     adds the argmax accuracy over positions with a label; return_lse (reduction="none") each position's lse.
     ce_weight (V,): class weights with F.cross_entropy's semantics (weighted mean over the labelled positions'
-    weights; z stays unweighted; not with label_smoothing); it takes the recomputing path of reduction="none".
+    weights; z stays unweighted; label smoothing as F.cross_entropy does it, but not together with softcap); it
+    takes the recomputing path of reduction="none".
     """
     options = validate_options(
         nitp_weight=nitp_weight, loss_type=loss_type, shift=shift, stop_gradient=stop_gradient,

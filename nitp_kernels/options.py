@@ -192,9 +192,9 @@ def build_problem(
         _check_float_tensor("ce_weight", ce_weight)
         if ce_weight.shape != (vocab,):
             raise ValueError(f"ce_weight must be (V={vocab},), got shape {tuple(ce_weight.shape)}")
-        if options.label_smoothing:
-            raise ValueError(f"ce_weight with label_smoothing={options.label_smoothing} is not implemented; "
-                             "use one or the other (label_smoothing=0.0 with ce_weight)")
+        if options.label_smoothing and options.softcap is not None:
+            raise ValueError(f"ce_weight with label_smoothing={options.label_smoothing} and softcap="
+                             f"{options.softcap} is not implemented (any two of the three are)")
         if options.return_grad_norms:
             raise ValueError("return_grad_norms=True is not implemented with ce_weight")
         if ce_weight.requires_grad:

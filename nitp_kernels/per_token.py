@@ -25,6 +25,10 @@ Class weights (ce_weight) take this path for every reduction: each row's CE is w
 weighted mean divides by the summed weights of the labelled rows (F.cross_entropy's rule), the z term stays
 unweighted (Liger's rule). The loss is then a sum of per-row terms with per-row factors (_row_factors), summed
 for "mean"/"sum"; the factors of CE and z differ per row, so backward hands the loop separate ones (RowTerms).
+With label smoothing too (F.cross_entropy's weighted smoothing, eps/V·sum_j w_j·(lse - s_j) per row), the loop
+runs without smoothing and the smoothing term is added outside it: its value from h·(lm_weight.T @ w), its
+gradient as a label-column term in the loop plus a rank-one term after it (_add_class_vector_term). That needs
+the scores to be linear in the logits, so softcap is refused with this combination.
 """
 from __future__ import annotations
 
@@ -41,11 +45,15 @@ from .row_terms import RowTerms
 
 
 class RowFactors(NamedTuple):
-    """(N,) factors: loss = sum over rows of ce·ce_rows + z·z_rows + nitp·nitp_rows (per row for "none")."""
+    """(N,) factors: loss = sum over rows of ce·ce_rows + z·z_rows + nitp·nitp_rows (per row for "none").
+
+    ce = norm·class_weight: norm is 1 or the weighted mean's 1/sum(w[y]) (0 on ignored rows), class_weight w[y]."""
 
     ce: Tensor
     z: Tensor
     nitp: Tensor
+    norm: Tensor
+    class_weight: Tensor
 
 
 def _row_factors(problem: Problem, n_ce: Tensor, n_nitp: Tensor, acc: torch.dtype) -> RowFactors:
@@ -59,14 +67,61 @@ def _row_factors(problem: Problem, n_ce: Tensor, n_nitp: Tensor, acc: torch.dtyp
         class_weight = torch.where(labelled, problem.ce_weight.to(acc)[torch.where(labelled, labels, 0)], 0.0)
     z = torch.full((), opts.z_loss_weight, dtype=acc, device=labels.device)
     nitp = torch.full((), opts.nitp_weight, dtype=acc, device=labels.device)
-    ce = class_weight
+    norm = labelled.to(acc)
     if opts.reduction == "mean":
         # F.cross_entropy's weighted mean; with no labelled row every term is 0 (the contract)
         total = class_weight.sum() if problem.ce_weight is not None else n_ce.to(acc)
-        ce = class_weight / torch.where(n_ce > 0, total, torch.ones_like(total))
+        norm = norm / torch.where(n_ce > 0, total, torch.ones_like(total))
         z = z / n_ce.clamp_min(1).to(acc)
         nitp = nitp / n_nitp.clamp_min(1).to(acc)
-    return RowFactors(ce, z * labelled, nitp.expand(n_rows))
+    return RowFactors(norm * class_weight, z * labelled, nitp.expand(n_rows), norm, class_weight)
+
+
+def _smoothing_with_class_weights(problem: Problem) -> bool:
+    return problem.ce_weight is not None and problem.options.label_smoothing > 0
+
+
+def _class_weight_projection(problem: Problem, acc: torch.dtype) -> tuple[Tensor, Tensor]:
+    """(w, lm_weight.T @ w) in the accumulation dtype: the sum_j w_j s_j of a row is h·(lm_weight.T @ w) + b·w."""
+    weight = problem.ce_weight.to(acc)
+    return weight, problem.lm_weight.to(acc).T @ weight
+
+
+def _smoothed_rows(problem: Problem, ce_plain: Tensor, factors: RowFactors, acc: torch.dtype) -> Tensor:
+    """F.cross_entropy's per-row value with class weights w and label smoothing eps, from the loop's CE without
+    smoothing (lse - s_y): (1-eps)·w_y·(lse - s_y) + (eps/V)·(sum(w)·lse - sum_j w_j s_j), 0 on ignored rows.
+    s_y and sum_j w_j s_j are formed from h, lm_weight and lm_bias in the accumulation dtype (no logits; softcap,
+    which would need them, is refused with this combination)."""
+    eps, vocab = problem.options.label_smoothing, problem.lm_weight.shape[0]
+    safe = torch.where(problem.labels != problem.options.ignore_index, problem.labels, 0)
+    hidden = problem.hidden.to(acc)
+    weight, projection = _class_weight_projection(problem, acc)
+    label_score = (hidden * problem.lm_weight[safe].to(acc)).sum(-1)
+    weighted_score = hidden @ projection
+    if problem.lm_bias is not None:
+        bias = problem.lm_bias.to(acc)
+        label_score = label_score + bias[safe]
+        weighted_score = weighted_score + bias @ weight
+    lse = ce_plain + label_score
+    rows = (1.0 - eps) * factors.class_weight * ce_plain + (eps / vocab) * (weight.sum() * lse - weighted_score)
+    return torch.where(problem.labels != problem.options.ignore_index, rows, 0.0)
+
+
+def _without_smoothing(problem: Problem) -> Problem:
+    return dataclasses.replace(problem, options=dataclasses.replace(problem.options, label_smoothing=0.0))
+
+
+def _add_class_vector_term(problem: Problem, coef: Tensor, d_hidden: Optional[Tensor],
+                           d_lm_weight: Optional[Tensor], d_lm_bias: Optional[Tensor], acc: torch.dtype) -> None:
+    """The gradients of d logits = coef ⊗ w (one class-weight vector w for every row, per-row coefficients): rank
+    one, so d hidden += coef ⊗ (lm_weight.T @ w), d lm_weight += w ⊗ (coef @ h), d lm_bias += w·sum(coef)."""
+    weight, projection = _class_weight_projection(problem, acc)
+    if d_hidden is not None:
+        d_hidden.addr_(coef, projection)
+    if d_lm_weight is not None:
+        d_lm_weight.addr_(weight, coef @ problem.hidden.to(acc))
+    if d_lm_bias is not None:
+        d_lm_bias.add_(weight * coef.sum())
 
 
 def _row_buffers(problem: Problem, acc: torch.dtype) -> RowTerms:
@@ -96,11 +151,16 @@ class PerTokenFunction(torch.autograd.Function):
         acc = torch.promote_types(problem.hidden.dtype, torch.float32)
         rows = _row_buffers(problem, acc)
         no_grads = dict.fromkeys(("hidden", "lm_weight", "lm_bias", "shallow", "projector"), False)
+        smoothing = _smoothing_with_class_weights(problem)
+        loop_problem = _without_smoothing(problem) if smoothing else problem
         with torch.no_grad():
-            (_, _, _, _, n_ce, n_nitp, _, _), _ = run_chunks(problem, ops, no_grads, rows)
+            (_, _, _, _, n_ce, n_nitp, _, _), _ = run_chunks(loop_problem, ops, no_grads, rows)
         opts = problem.options
         factors = _row_factors(problem, n_ce, n_nitp, acc)
-        ce_terms = factors.ce * rows.ce
+        if smoothing:
+            ce_terms = factors.norm * _smoothed_rows(problem, rows.ce, factors, acc)
+        else:
+            ce_terms = factors.ce * rows.ce
         loss = ce_terms + factors.nitp * rows.nitp + factors.z * rows.z
         ce_valid = problem.labels != opts.ignore_index
         empty = loss.new_empty(0)
@@ -131,18 +191,32 @@ class PerTokenFunction(torch.autograd.Function):
         acc = torch.promote_types(problem.hidden.dtype, torch.float32)
         grad_rows = grad_loss.to(acc)
         # the factors carry the upstream gradient and nitp_weight; the loop's own scalars must be 1
+        smoothing = _smoothing_with_class_weights(problem)
         problem = dataclasses.replace(
             problem, options=dataclasses.replace(opts, reduction="sum", nitp_weight=1.0,
-                                                 return_token_accuracy=False, return_lse=False))
+                                                 return_token_accuracy=False, return_lse=False,
+                                                 label_smoothing=0.0 if smoothing else opts.label_smoothing))
         factors: RowFactors = ctx.factors
         rows = RowTerms(ce_grad_scale=grad_rows * factors.ce, nitp_grad_scale=grad_rows * factors.nitp)
-        if problem.ce_weight is not None and opts.z_loss_weight:
+        if problem.ce_weight is not None and (opts.z_loss_weight or smoothing):
             rows.z_grad_scale = grad_rows * factors.z  # not z_loss_weight times the CE's: weights scale CE only
+        if smoothing:
+            # d/ds of (1-eps)·w_y·(lse - s_y) + (eps/V)·(W·lse - sum_j w_j s_j), W = sum(w), per unit α of the row:
+            # a·(softmax - onehot(y)) + (eps·W/V)·onehot(y) - (eps/V)·w, with a = (1-eps)·w_y + eps·W/V; the loop
+            # takes the first two terms, the last (the same vector w for every row) is added below as a rank-1 term
+            eps, vocab = opts.label_smoothing, problem.lm_weight.shape[0]
+            alpha = grad_rows * factors.norm
+            weight_sum = problem.ce_weight.to(acc).sum()
+            rows.ce_grad_scale = alpha * ((1.0 - eps) * factors.class_weight + eps * weight_sum / vocab)
+            rows.label_grad_extra = alpha * (eps * weight_sum / vocab)
         autocast_on, autocast_dtype = ctx.autocast
         recast = (torch.autocast(problem.hidden.device.type, dtype=autocast_dtype) if autocast_on
                   else contextlib.nullcontext())
         with torch.no_grad(), recast:
             _, grads = run_chunks(problem, ctx.ops, wants, rows)
+            if smoothing:
+                _add_class_vector_term(problem, -(eps / vocab) * alpha, grads.hidden, grads.lm_weight,
+                                       grads.lm_bias, acc)
 
         def cast(buffer: Optional[Tensor], like: Optional[Tensor]) -> Optional[Tensor]:
             return None if buffer is None else buffer.to(like.dtype).view(like.shape)

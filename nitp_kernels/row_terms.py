@@ -37,7 +37,8 @@ class RowTerms:
     lse: Optional[Tensor] = None
     ce_grad_scale: Optional[Tensor] = None
     z_grad_scale: Optional[Tensor] = None
-    nitp_grad_scale: Optional[Tensor] = None
+    label_grad_extra: Optional[Tensor] = None  # with z_grad_scale: more on the label's column (class-weighted
+    nitp_grad_scale: Optional[Tensor] = None   # label smoothing, per_token.py)
 
 
 def read_logits(rows: RowTerms, logits: Tensor, labels: Tensor, start: int, end: int,
@@ -70,14 +71,16 @@ def label_scores(logits: Tensor, labels: Tensor, ignore_index: int, softcap: Opt
 def label_correction(rows: RowTerms, ce_rows: Tensor, label_score: tuple[Tensor, ...], start: int, end: int
                      ) -> tuple[Tensor, Tensor]:
     """Per-row factor on the CE op's gradient G = (softmax - onehot(y))·ds/dx (run without z and without label
-    smoothing, which class weights refuse) and the extra coefficient of the label's column, such that
-    factor·G + coef·onehot(y) = α·G + 2β·lse·softmax·ds/dx, with α = ce_grad_scale, β = z_grad_scale:
-    softmax·ds/dx = G + onehot(y)·ds_y, and lse = ce + s_y (the op's CE without smoothing is lse - s_y)."""
+    smoothing) and the extra coefficient of the label's column, such that
+    factor·G + coef·onehot(y) = α·G + (2β·lse·softmax + γ·onehot(y))·ds/dx, with α = ce_grad_scale,
+    β = z_grad_scale, γ = label_grad_extra (0 if None): softmax·ds/dx = G + onehot(y)·ds_y, and lse = ce + s_y
+    (the op's CE without smoothing is lse - s_y)."""
     alpha = rows.ce_grad_scale[start:end]
     beta = rows.z_grad_scale[start:end]
     score, slope, _ = label_score
     z_part = 2.0 * beta * (ce_rows + score)
-    return (alpha + z_part).unsqueeze(1), z_part * slope
+    extra = z_part if rows.label_grad_extra is None else z_part + rows.label_grad_extra[start:end]
+    return (alpha + z_part).unsqueeze(1), extra * slope
 
 
 def add_label_column(label_coef: Tensor, safe_labels: Tensor, h: Tensor, lm_weight: Tensor,

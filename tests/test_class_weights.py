@@ -37,14 +37,17 @@ def _run(p, backend, upstream, **options):
     return out, grads
 
 
-CASES = list(itertools.product(["mean", "sum", "none"], [0.0, 1e-2], [None, 5.0]))
+# (label_smoothing, softcap): any two of class weights, label smoothing and softcap
+CASES = list(itertools.product(["mean", "sum", "none"], [0.0, 1e-2], [(0.0, None), (0.0, 5.0), (0.1, None)]))
 
 
-def _check(backend, dtype, tol, reduction, z_loss_weight, softcap):
+def _check(backend, dtype, tol, reduction, z_loss_weight, smoothing_softcap):
+    label_smoothing, softcap = smoothing_softcap
     p = _problem(dtype)
     upstream = torch.rand(p["labels"].shape, dtype=torch.float64) + 0.5 if reduction == "none" else \
         torch.tensor(0.37, dtype=torch.float64)
-    options = dict(reduction=reduction, z_loss_weight=z_loss_weight, softcap=softcap, chunk_size=4)
+    options = dict(reduction=reduction, z_loss_weight=z_loss_weight, softcap=softcap, chunk_size=4,
+                   label_smoothing=label_smoothing)
     want, want_grads = _run(p, "reference", upstream, **options)
     got, got_grads = _run(p, backend, upstream, **options)
     for name in ("loss", "ce_loss", "nitp_loss", "z_loss"):
@@ -55,25 +58,26 @@ def _check(backend, dtype, tol, reduction, z_loss_weight, softcap):
         assert_close_rel(g, w, tol, f"d{name}")
 
 
-@pytest.mark.parametrize("reduction,z_loss_weight,softcap", CASES)
-def test_torch_backend_float64(reduction, z_loss_weight, softcap):
-    _check("torch", torch.float64, 1e-8, reduction, z_loss_weight, softcap)
+@pytest.mark.parametrize("reduction,z_loss_weight,smoothing_softcap", CASES)
+def test_torch_backend_float64(reduction, z_loss_weight, smoothing_softcap):
+    _check("torch", torch.float64, 1e-8, reduction, z_loss_weight, smoothing_softcap)
 
 
-@pytest.mark.parametrize("reduction,z_loss_weight,softcap", CASES[1::2])
-def test_triton_backend_float32(reduction, z_loss_weight, softcap):
-    _check("triton", torch.float32, 1e-5, reduction, z_loss_weight, softcap)
+@pytest.mark.parametrize("reduction,z_loss_weight,smoothing_softcap", CASES[1::2])
+def test_triton_backend_float32(reduction, z_loss_weight, smoothing_softcap):
+    _check("triton", torch.float32, 1e-5, reduction, z_loss_weight, smoothing_softcap)
 
 
 @pytest.mark.parametrize("backend", ["reference", "torch"])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_equals_f_cross_entropy_with_weight(backend, reduction):
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.2])
+def test_equals_f_cross_entropy_with_weight(backend, reduction, label_smoothing):
     p = _problem(torch.float64, seed=1)
     hidden, lm_weight, labels, weight = p["hidden"], p["lm_weight"], p["labels"], p["ce_weight"]
     got = fused_linear_cross_entropy(hidden, lm_weight, labels, ce_weight=weight, reduction=reduction,
-                                     chunk_size=5, backend=backend)
+                                     chunk_size=5, backend=backend, label_smoothing=label_smoothing)
     want = F.cross_entropy((hidden @ lm_weight.T).flatten(0, 1), labels.flatten(), weight=weight,
-                           reduction=reduction)
+                           reduction=reduction, label_smoothing=label_smoothing)
     want = want.view(labels.shape) if reduction == "none" else want
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     upstream = torch.rand(want.shape, dtype=torch.float64)
@@ -93,7 +97,8 @@ def test_no_labelled_position_gives_zero():
 
 
 @pytest.mark.parametrize("kwargs,error,message", [
-    (dict(label_smoothing=0.1), ValueError, r"ce_weight with label_smoothing=0.1 is not implemented"),
+    (dict(label_smoothing=0.1, softcap=30.0), ValueError,
+     r"ce_weight with label_smoothing=0.1 and softcap=30.0 is not implemented"),
     (dict(ce_weight=torch.ones(5)), ValueError, r"ce_weight must be \(V=29,\)"),
     (dict(ce_weight=torch.ones(29, dtype=torch.long)), TypeError, "ce_weight must be float32"),
     (dict(ce_weight=torch.ones(29, requires_grad=True)), ValueError, "ce_weight must not require grad"),

@@ -9,8 +9,8 @@ test_correctness_functional, test_correctness_with_token_accuracy, test_amp, the
 reduction="none" per-token upstream-gradient test. Their ground truth is a torch nn.Linear + cross-entropy
 (+ z-loss) module; ours below is written from the same formulas. They run on CUDA; these run on the CPU.
 Where they differ: the large shape runs for the fp32 rows only, and test_amp's for bf16 autocast with
-accum_dtype fp32 only (CPU time); ce_weight is taken without label smoothing, which this package refuses with
-class weights (their cases that combine the two run once with each instead).
+accum_dtype fp32 only (CPU time); their cases that combine ce_weight, label_smoothing and softcap (refused
+here) run once without each of the three instead.
 """
 import itertools
 
@@ -25,10 +25,10 @@ SMALL, LARGE = (4, 47, 31, 123), (8, 128, 1024, 4096)
 PRECISIONS = [("mean", torch.bfloat16, 5e-3, 5e-2), ("mean", torch.float32, 1e-5, 5e-4),
               ("sum", torch.bfloat16, 5e-0, 5e1), ("sum", torch.float32, 1e-3, 5e-2)]
 # (ce_weight, label_smoothing, ignore_index, lse_square_scale, softcap, return_z_loss, accum_dtype)
-# Liger's non-default set has ce_weight together with label_smoothing, which this package refuses (tested in
-# test_class_weights.py): it runs once with each of the two
+# Liger's non-default set combines ce_weight, label_smoothing and softcap, which this package refuses (tested in
+# test_class_weights.py; any two of the three are accepted): it runs once without each of them instead
 OPTION_SETS = [(False, 0.0, -100, 0.0, None, False, None), (False, 0.1, 42, 1e-4, 30.0, True, torch.float32),
-               (True, 0.0, 42, 1e-4, 30.0, True, torch.float32)]
+               (True, 0.0, 42, 1e-4, 30.0, True, torch.float32), (True, 0.1, 42, 1e-4, None, True, torch.float32)]
 
 
 def torch_lm_head_ce(x, weight, bias, target, *, ce_weight=None, ignore_index=-100, lse_square_scale=0.0,
@@ -101,7 +101,7 @@ def test_correctness(shape, reduction, dtype, atol, rtol, bias, options, forward
 @pytest.mark.parametrize("has_ce_weight", [True, False])
 def test_correctness_functional(shape, dtype, atol, rtol, bias, has_ce_weight):
     """Liger's functional form against its module form and against torch, with Liger's non-default options
-    (label_smoothing 0.1, or 0 with ce_weight, which this package does not combine)."""
+    (with ce_weight softcap is off: this package does not combine class weights, smoothing and softcap)."""
     B, T, H, V = shape
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(B * T, H, generator=gen).to(dtype).requires_grad_()
@@ -109,15 +109,15 @@ def test_correctness_functional(shape, dtype, atol, rtol, bias, has_ce_weight):
     weight = torch.randn(V, H, generator=gen).to(dtype)
     lin_bias = torch.randn(V, generator=gen).to(dtype) if bias else None
     ce_weight = torch.randn(V, generator=gen) if has_ce_weight else None  # Liger's: signed weights
-    smoothing = 0.0 if has_ce_weight else 0.1
-    options = (-100, 1e-4, smoothing, "mean", 30.0, True, torch.float32)
+    softcap = None if has_ce_weight else 30.0
+    options = (-100, 1e-4, 0.1, "mean", softcap, True, torch.float32)
     result = liger_fused_linear_cross_entropy(x, weight, target, lin_bias, ce_weight, *options)
     module = LigerFusedLinearCrossEntropyLoss(ce_weight, *options)(weight, x, target, lin_bias)
     # Liger compares two forms of its own op; ours are compared with torch in fp32 on the same (rounded) inputs
     x32 = x.detach().float().requires_grad_()
     want, want_z = torch_lm_head_ce(x32, weight.float(), None if lin_bias is None else lin_bias.float(), target,
-                                    ce_weight=ce_weight, lse_square_scale=1e-4, label_smoothing=smoothing,
-                                    softcap=30.0)
+                                    ce_weight=ce_weight, lse_square_scale=1e-4, label_smoothing=0.1,
+                                    softcap=softcap)
     for got in (result, module):
         _close(got.loss, want, atol, rtol, "loss")
         _close(got.z_loss, want_z, atol, rtol, "z_loss")

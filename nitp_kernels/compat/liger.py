@@ -12,7 +12,8 @@ like the loss (mean over positions with a label); `token_accuracy` is argmax == 
 gradient. Computed exactly, with sums in fp32 (fp64 for fp64 inputs), so accum_dtype may be None, float32, or
 the input's own float64. Refused by name: use_token_scaling=True, return_predicted_tokens=True,
 chunk_mem_const other than 1 (our chunk size comes from a memory budget, see default_chunk_size), and ce_weight
-together with label_smoothing > 0. Extra keyword: backend (as fused_linear_cross_entropy's).
+together with both label_smoothing > 0 and softcap (any two of them are accepted). Liger's z_loss ignores
+ce_weight, as here. Extra keyword: backend (as fused_linear_cross_entropy's).
 """
 from __future__ import annotations
 
