@@ -179,6 +179,13 @@ class PerTokenFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, *unused):
+        if torch.is_grad_enabled():  # autograd runs backward in grad mode only for create_graph=True
+            # the recomputation runs without autograd: to a second differentiation its results would be
+            # constants, and a gradient penalty would come out silently wrong
+            raise RuntimeError(
+                "fused NITP loss: double backward (create_graph=True) is not supported with reduction='none' or "
+                "ce_weight — the backward pass recomputes its gradients without autograd. Use "
+                "backend='reference' for gradient penalties or other higher-order gradients.")
         hidden, lm_weight, lm_bias, shallow, w_gate, w_up, w_down = ctx.saved_tensors
         problem: Problem = ctx.problem
         opts = problem.options

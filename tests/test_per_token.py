@@ -187,3 +187,10 @@ def test_backward_recomputes_in_the_forward_autocast_dtype(monkeypatch):
         loss = fused_linear_cross_entropy(hidden, lm_weight, labels, reduction="none", backend="torch")
     loss.sum().backward()
     assert seen == [torch.bfloat16, torch.bfloat16]
+
+
+def test_double_backward_is_refused():
+    hidden, lm_weight, _, labels = _ce_problem(seed=6)
+    loss = fused_linear_cross_entropy(hidden, lm_weight, labels, reduction="none", backend="torch")
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(loss.sum(), hidden, create_graph=True)
