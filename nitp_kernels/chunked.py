@@ -30,6 +30,7 @@ from torch import Tensor
 from .contract import accumulation_dtype, valid_positions
 from .matmuls import MatmulPlan, matmul_dtype, matmul_plan
 from .options import Problem
+from .row_terms import RowTerms, add_label_column, label_correction, label_scores, read_logits
 
 MIN_CHUNK_ROWS = 256
 
@@ -121,6 +122,7 @@ class _Call:
     grads: Gradients
     ce_scale: Optional[Tensor]      # 1/N_ce for "mean", None for "sum"
     nitp_scale: Tensor              # nitp_weight (/ N_nitp for "mean")
+    rows: RowTerms
 
 
 def _autocast_off(device_type: str):
@@ -130,7 +132,8 @@ def _autocast_off(device_type: str):
     return contextlib.nullcontext()
 
 
-def run_chunks(problem: Problem, ops: ChunkOps, wants: dict[str, bool]) -> tuple[list[Tensor], Gradients]:
+def run_chunks(problem: Problem, ops: ChunkOps, wants: dict[str, bool], rows: Optional[RowTerms] = None
+               ) -> tuple[list[Tensor], Gradients]:
     """Outputs [loss, ce, nitp, z, n_ce, n_nitp, ce_grad_norm, nitp_grad_norm] (ce/nitp/z already reduced) and
     the gradients of loss = ce + nitp_weight·nitp + z_loss_weight·z for the inputs named True in `wants`.
 
@@ -138,14 +141,16 @@ def run_chunks(problem: Problem, ops: ChunkOps, wants: dict[str, bool]) -> tuple
     ||d nitp/d hidden|| (NITP unweighted by nitp_weight, so a target ratio gives λ directly); else empty tensors.
     They cost no second pass: the CE norm is one reduction over the d hidden buffer between the two passes, the
     NITP norm one reduction per NITP chunk over the product it adds.
+    rows: optional per-row buffers and per-row gradient factors (RowTerms); with gradient factors the options
+    must say reduction="sum" and nitp_weight=1 (the factors carry both).
     """
     hidden = problem.hidden
     plan = matmul_plan(hidden.device, matmul_dtype(hidden))  # before autocast is switched off
     with _autocast_off(hidden.device.type):
-        return _run(problem, ops, wants, plan)
+        return _run(problem, ops, wants, plan, rows or RowTerms())
 
 
-def _run(problem: Problem, ops: ChunkOps, wants: dict[str, bool], plan: MatmulPlan
+def _run(problem: Problem, ops: ChunkOps, wants: dict[str, bool], plan: MatmulPlan, rows: RowTerms
          ) -> tuple[list[Tensor], Gradients]:
     opts = problem.options
     hidden, labels = problem.hidden, problem.labels
@@ -164,10 +169,10 @@ def _run(problem: Problem, ops: ChunkOps, wants: dict[str, bool], plan: MatmulPl
 
     width = 0 if problem.projector is None else problem.projector[0].shape[0]
     grads = _allocate(wants, n_rows, d, vocab, width, acc, device)
-    call = _Call(problem, ops, plan, hidden.to(plan.operand_dtype), grads, ce_scale, nitp_scale)
+    call = _Call(problem, ops, plan, hidden.to(plan.operand_dtype), grads, ce_scale, nitp_scale, rows)
 
-    ce_rows = torch.empty(n_rows, dtype=acc, device=device)
-    z_rows = torch.empty(n_rows, dtype=acc, device=device)
+    ce_rows = rows.ce if rows.ce is not None else torch.empty(n_rows, dtype=acc, device=device)
+    z_rows = rows.z if rows.z is not None else torch.empty(n_rows, dtype=acc, device=device)
     _cross_entropy_pass(call, ce_rows, z_rows)
     return_norms = opts.return_grad_norms and grads.hidden is not None
     ce_norm = torch.linalg.vector_norm(grads.hidden) if return_norms else None  # CE part only, so far
@@ -175,7 +180,11 @@ def _run(problem: Problem, ops: ChunkOps, wants: dict[str, bool], plan: MatmulPl
     nitp_sum = torch.zeros((), dtype=acc, device=device)
     nitp_sq = torch.zeros((), dtype=acc, device=device) if return_norms else None
     if problem.with_nitp:
-        nitp_rows = torch.empty(n_rows - opts.shift, dtype=acc, device=device)
+        if rows.nitp is not None:
+            rows.nitp[n_rows - opts.shift:] = 0  # the last rows have no target in the flattened tensor
+            nitp_rows = rows.nitp[: n_rows - opts.shift]
+        else:
+            nitp_rows = torch.empty(n_rows - opts.shift, dtype=acc, device=device)
         _nitp_pass(call, nitp_valid, nitp_rows, nitp_sq)
         nitp_sum = nitp_rows.sum()
 
@@ -238,21 +247,39 @@ def _cross_entropy_pass(call: _Call, ce_rows: Tensor, z_rows: Tensor) -> None:
             torch.mm(h, lm_weight.T, out=logits)
         else:
             torch.addmm(lm_bias, h, lm_weight.T, out=logits)
+        read_logits(call.rows, logits, labels, start, end, opts.softcap)
+        separate_z = need_grad and call.rows.z_grad_scale is not None
+        label_score = label_scores(logits, labels[start:end], opts.ignore_index, opts.softcap) if separate_z else None
         d_logits = call.ops.cross_entropy(
             logits, labels[start:end], ignore_index=opts.ignore_index, label_smoothing=opts.label_smoothing,
-            softcap=opts.softcap, z_loss_weight=opts.z_loss_weight, need_grad=need_grad,
+            softcap=opts.softcap, z_loss_weight=0.0 if separate_z else opts.z_loss_weight, need_grad=need_grad,
             ce_out=ce_rows[start:end], z_out=z_rows[start:end])
         if d_logits is None:
             continue
         d_logits = d_logits.to(plan.operand_dtype)  # once, for every matmul below
+        # per-row factors scale d hidden's rows (after the product, in the accumulation dtype) and, for the weight
+        # gradients, the rows of h: d_logits (possibly bf16) is never multiplied, so no product p·g can flush
+        row_scale = None if call.rows.ce_grad_scale is None else call.rows.ce_grad_scale[start:end].unsqueeze(1)
+        label_coef = None
+        if separate_z:
+            row_scale, label_coef = label_correction(call.rows, ce_rows[start:end], label_score, start, end)
         if grads.hidden is not None:
             d_h = plan.product(d_logits, lm_weight, out=grads.hidden[start:end])
             if call.ce_scale is not None:
                 d_h.mul_(call.ce_scale)
+            if row_scale is not None:
+                d_h.mul_(row_scale)
         if grads.lm_weight is not None:
-            plan.accumulate(grads.lm_weight, d_logits.T, h, first=start == 0)
+            h_rows = h if row_scale is None else (h.to(row_scale.dtype) * row_scale).to(plan.operand_dtype)
+            plan.accumulate(grads.lm_weight, d_logits.T, h_rows, first=start == 0)
         if grads.lm_bias is not None:
-            grads.lm_bias.add_(d_logits.sum(0, dtype=grads.lm_bias.dtype))
+            if row_scale is None:
+                grads.lm_bias.add_(d_logits.sum(0, dtype=grads.lm_bias.dtype))
+            else:
+                grads.lm_bias.add_(torch.mv(d_logits.T.to(row_scale.dtype), row_scale.squeeze(1)))
+        if label_coef is not None:
+            add_label_column(label_coef, label_score[2], h, lm_weight, None if grads.hidden is None
+                             else grads.hidden[start:end], grads.lm_weight, grads.lm_bias)
 
 
 def _nitp_pass(call: _Call, valid: Tensor, loss_rows: Tensor, grad_sq: Optional[Tensor]) -> None:
@@ -286,6 +313,10 @@ def _nitp_pass(call: _Call, valid: Tensor, loss_rows: Tensor, grad_sq: Optional[
         d_pred, d_target = ops.nitp_loss(
             pred, target, valid[start:end], loss_type=opts.loss_type, need_grad=need_grad,
             need_target_grad=grads.shallow is not None, loss_out=loss_rows[start:end])
+        if call.rows.nitp_grad_scale is not None:  # per-row factors, in the accumulation dtype (d pred's)
+            row_scale = call.rows.nitp_grad_scale[start:end].unsqueeze(1)
+            d_pred = None if d_pred is None else d_pred.mul_(row_scale)
+            d_target = None if d_target is None else d_target.mul_(row_scale)
         if d_target is not None:
             torch.mul(d_target, call.nitp_scale, out=grads.shallow[start + shift:end + shift])
         if d_pred is None:
@@ -311,8 +342,8 @@ class FusedNITPFunction(torch.autograd.Function):
     """Autograd wrapper: forward runs the chunk loop and saves only gradient buffers; backward scales them."""
 
     @staticmethod
-    def forward(ctx, hidden, lm_weight, lm_bias, shallow, w_gate, w_up, w_down, problem, ops, wants):
-        (loss, ce, nitp, z, n_ce, n_nitp, ce_norm, nitp_norm), grads = run_chunks(problem, ops, wants)
+    def forward(ctx, hidden, lm_weight, lm_bias, shallow, w_gate, w_up, w_down, problem, ops, wants, rows):
+        (loss, ce, nitp, z, n_ce, n_nitp, ce_norm, nitp_norm), grads = run_chunks(problem, ops, wants, rows)
 
         def to_input(buffer: Optional[Tensor], like: Optional[Tensor], shape=None) -> Optional[Tensor]:
             if buffer is None:
@@ -357,10 +388,10 @@ class FusedNITPFunction(torch.autograd.Function):
             for grad in grads:
                 if grad is not None:
                     grad.data.mul_(grad_loss)
-            return (*grads, None, None, None)
+            return (*grads, None, None, None, None)
         # A repeated backward (retain_graph=True, gradcheck): fresh tensors, the first results stay untouched.
         if bool(ctx.first_scale == 0):
             raise RuntimeError("fused NITP loss: the first backward through this forward had gradient 0, which "
                                "erased its gradient buffers; run the forward again")
         factor = grad_loss / ctx.first_scale
-        return (*[None if g is None else g * factor for g in grads], None, None, None)
+        return (*[None if g is None else g * factor for g in grads], None, None, None, None)

@@ -18,7 +18,8 @@ Precision
 Positions (valid_positions)
     A position t of a sequence of length T gets a cross-entropy term iff labels[t] != ignore_index, and an NITP
     term (target shallow[t + shift] of the same sequence) iff it also has t + shift < T. "mean" divides each term
-    by its own count (N_ce, N_nitp); a term with no valid position is 0 with zero gradient.
+    by its own count (N_ce, N_nitp); a term with no valid position is 0 with zero gradient. "none" returns the
+    per-position terms, shaped like labels (0 where a position has no such term), for any upstream gradient.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ import torch
 from torch import Tensor
 
 LOSS_TYPES = ("cosine", "mse", "smooth_l1", "kl")
-REDUCTIONS = ("mean", "sum")
+REDUCTIONS = ("mean", "sum", "none")
 BACKENDS = ("auto", "reference", "torch", "triton")
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 

@@ -53,21 +53,25 @@ class NITPLoss(nn.Module):
     def __init__(self, *, nitp_weight: float = 1.0, loss_type: str = "cosine", shift: int = 1,
                  stop_gradient: bool = True, ignore_index: int = -100, reduction: str = "mean",
                  label_smoothing: float = 0.0, z_loss_weight: float = 0.0, softcap: Optional[float] = None,
-                 chunk_size: Optional[int] = None, backend: str = "auto", return_grad_norms: bool = False) -> None:
+                 chunk_size: Optional[int] = None, backend: str = "auto", return_grad_norms: bool = False,
+                 return_token_accuracy: bool = False, return_lse: bool = False,
+                 ce_weight: Optional[Tensor] = None) -> None:
         super().__init__()
         self.options = dict(nitp_weight=nitp_weight, loss_type=loss_type, shift=shift,
                             stop_gradient=stop_gradient, ignore_index=ignore_index, reduction=reduction,
                             label_smoothing=label_smoothing, z_loss_weight=z_loss_weight, softcap=softcap,
-                            chunk_size=chunk_size, return_grad_norms=return_grad_norms)
+                            chunk_size=chunk_size, return_grad_norms=return_grad_norms,
+                            return_token_accuracy=return_token_accuracy, return_lse=return_lse)
         validate_options(**self.options)  # fail at construction, not at the first step
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.options["backend"] = backend
+        self.register_buffer("ce_weight", ce_weight)  # class weights move with the module (.to(device))
 
     def forward(self, hidden: Tensor, lm_weight: Tensor, labels: Tensor, shallow: Tensor, projector,
                 seq_len: Optional[int] = None, lm_bias: Optional[Tensor] = None) -> NITPLossOutput:
         return fused_nitp_loss(hidden, lm_weight, labels, shallow, projector, seq_len=seq_len, lm_bias=lm_bias,
-                               **self.options)
+                               ce_weight=self.ce_weight, **self.options)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.options.items())

@@ -42,6 +42,8 @@ class LossOptions:
     softcap: Optional[float] = None
     chunk_size: Optional[int] = None
     return_grad_norms: bool = False
+    return_token_accuracy: bool = False
+    return_lse: bool = False
 
 
 @dataclass
@@ -62,6 +64,7 @@ class Problem:
     options: LossOptions
     hidden_input: Tensor  # the caller's tensors, which autograd differentiates
     shallow_input: Optional[Tensor]
+    ce_weight: Optional[Tensor] = None  # (V,) class weights of the CE term (F.cross_entropy's `weight`)
 
     @property
     def with_nitp(self) -> bool:
@@ -104,7 +107,7 @@ def validate_options(
     *, nitp_weight: float = 1.0, loss_type: str = "cosine", shift: int = 1, stop_gradient: bool = True,
     ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
     z_loss_weight: float = 0.0, softcap: Optional[float] = None, chunk_size: Optional[int] = None,
-    return_grad_norms: bool = False,
+    return_grad_norms: bool = False, return_token_accuracy: bool = False, return_lse: bool = False,
 ) -> LossOptions:
     nitp_weight = _real("nitp_weight", nitp_weight, "a finite number >= 0", lambda v: v >= 0)
     if loss_type not in LOSS_TYPES:
@@ -127,8 +130,18 @@ def validate_options(
             raise ValueError(f"chunk_size must be None or an int >= 1, got {chunk_size!r}")
     if not isinstance(return_grad_norms, bool):
         raise TypeError(f"return_grad_norms must be a bool, got {type(return_grad_norms).__name__}")
+    if return_grad_norms and reduction == "none":
+        raise ValueError("return_grad_norms=True needs reduction 'mean' or 'sum' (the norms are those of the "
+                         "gradient of a scalar loss), got reduction='none'")
+    for name, flag in (("return_token_accuracy", return_token_accuracy), ("return_lse", return_lse)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+    if return_lse and reduction != "none":
+        raise ValueError(f"return_lse=True needs reduction='none' (the log-sum-exp is per token), "
+                         f"got reduction={reduction!r}")
     return LossOptions(nitp_weight, loss_type, shift, stop_gradient, ignore_index, reduction,
-                       label_smoothing, z_loss_weight, softcap, chunk_size, return_grad_norms)
+                       label_smoothing, z_loss_weight, softcap, chunk_size, return_grad_norms,
+                       return_token_accuracy, return_lse)
 
 
 def _check_float_tensor(name: str, tensor: object) -> Tensor:
@@ -172,6 +185,7 @@ def _check_labels_range(labels: Tensor, vocab: int, ignore_index: int) -> None:
 def build_problem(
     hidden: Tensor, lm_weight: Tensor, labels: Tensor, shallow: Optional[Tensor], projector: ProjectorArg,
     options: LossOptions, *, seq_len: Optional[int], lm_bias: Optional[Tensor], with_nitp: bool,
+    ce_weight: Optional[Tensor] = None,
 ) -> Problem:
     """Check shapes, dtypes and devices; flatten to (N, d). Raises ValueError/TypeError naming the argument."""
     _check_float_tensor("hidden", hidden)
@@ -202,6 +216,17 @@ def build_problem(
         _check_float_tensor("lm_bias", lm_bias)
         if lm_bias.shape != (vocab,):
             raise ValueError(f"lm_bias must be (V={vocab},), got shape {tuple(lm_bias.shape)}")
+    if ce_weight is not None:
+        _check_float_tensor("ce_weight", ce_weight)
+        if ce_weight.shape != (vocab,):
+            raise ValueError(f"ce_weight must be (V={vocab},), got shape {tuple(ce_weight.shape)}")
+        if options.label_smoothing and options.softcap is not None:
+            raise ValueError(f"ce_weight with label_smoothing={options.label_smoothing} and softcap="
+                             f"{options.softcap} is not implemented (any two of the three are)")
+        if options.return_grad_norms:
+            raise ValueError("return_grad_norms=True is not implemented with ce_weight")
+        if ce_weight.requires_grad:
+            raise ValueError("ce_weight must not require grad (class weights are constants here)")
     if not isinstance(labels, Tensor):
         raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
     if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
@@ -228,7 +253,8 @@ def build_problem(
                 raise ValueError(f"projector weights must be w_gate (H, {d}), w_up (H, {d}), w_down ({d}, H); got "
                                  f"{tuple(w_gate.shape)}, {tuple(w_up.shape)}, {tuple(w_down.shape)}")
 
-    named = [("lm_weight", lm_weight), ("labels", labels), ("lm_bias", lm_bias), ("shallow", shallow)]
+    named = [("lm_weight", lm_weight), ("labels", labels), ("lm_bias", lm_bias), ("shallow", shallow),
+             ("ce_weight", ce_weight)]
     if weights is not None:
         named += list(zip(("projector.w_gate", "projector.w_up", "projector.w_down"), weights))
     for name, tensor in named:
@@ -244,5 +270,5 @@ def build_problem(
         labels=labels.reshape(n_rows).long(),
         shallow=shallow.reshape(n_rows, d) if with_nitp else None,
         projector=weights, seq_len=seq_len, options=options, hidden_input=hidden,
-        shallow_input=shallow if with_nitp else None,
+        shallow_input=shallow if with_nitp else None, ce_weight=ce_weight,
     )

@@ -32,8 +32,9 @@ def nitp_row_losses(pred: Tensor, target: Tensor, loss_type: str) -> Tensor:
 
 
 def reference_losses(problem: Problem) -> tuple[Tensor, ...]:
-    """(loss, ce, nitp, z, n_ce, n_nitp) with autograd graphs on loss (the semantics in contract.py).
-    With return_grad_norms, also ||d(ce + z_w·z)/d hidden|| and ||d nitp/d hidden|| by autograd."""
+    """(loss, ce, nitp, z, n_ce, n_nitp, token_accuracy, lse) with autograd graphs on loss (the semantics in
+    contract.py; the last two None unless asked for). reduction="none": loss, ce, nitp, z are (N,) per-row terms.
+    With return_grad_norms, also ||d(ce + z_w·z)/d hidden|| and ||d nitp/d hidden|| by autograd, at the end."""
     opts = problem.options
     hidden = problem.hidden
     mm_dtype = hidden.dtype
@@ -46,13 +47,20 @@ def reference_losses(problem: Problem) -> tuple[Tensor, ...]:
     labels = problem.labels
     ce_mask = labels != opts.ignore_index
     n_ce = ce_mask.sum()
-    ce_rows = F.cross_entropy(logits, labels, ignore_index=opts.ignore_index, reduction="none",
-                              label_smoothing=opts.label_smoothing)
-    ce_sum = ce_rows.sum()
-    z_sum = torch.where(ce_mask, torch.logsumexp(logits, -1) ** 2, 0.0).sum()
+    class_weight = None if problem.ce_weight is None else problem.ce_weight.to(acc)
+    ce_rows = F.cross_entropy(logits, labels, weight=class_weight, ignore_index=opts.ignore_index,
+                              reduction="none", label_smoothing=opts.label_smoothing)
+    lse = torch.logsumexp(logits, -1)
+    z_rows = torch.where(ce_mask, lse ** 2, 0.0)
+    ce_sum, z_sum = ce_rows.sum(), z_rows.sum()
+    accuracy = None
+    if opts.return_token_accuracy:
+        correct = torch.where(ce_mask, logits.argmax(-1) == labels, False).to(acc)
+        accuracy = correct if opts.reduction == "none" else correct.sum() / n_ce.clamp_min(1)
 
     zero = hidden.new_zeros((), dtype=acc)
     nitp_sum, n_nitp = zero, torch.zeros((), dtype=torch.int64, device=hidden.device)
+    nitp_rows = torch.zeros_like(ce_rows)
     if problem.with_nitp:
         seq, shift = problem.seq_len, opts.shift
         d = hidden.shape[-1]
@@ -66,18 +74,28 @@ def reference_losses(problem: Problem) -> tuple[Tensor, ...]:
         pred = pred.to(acc).view(-1, seq, d)[:, : seq - shift]
         target = target.to(acc).view(-1, seq, d)[:, shift:]
         mask = ce_mask.view(-1, seq)[:, : seq - shift]
-        rows = nitp_row_losses(pred, target, opts.loss_type)
-        nitp_sum = torch.where(mask, rows, 0.0).sum()
+        rows = torch.where(mask, nitp_row_losses(pred, target, opts.loss_type), 0.0)
+        nitp_sum = rows.sum()
         n_nitp = mask.sum()
+        # per position t of the (B, T) layout; the last `shift` positions of each sequence have no term
+        nitp_rows = F.pad(rows, (0, shift)).reshape(-1)
 
+    if opts.reduction == "none":
+        loss_rows = ce_rows + opts.nitp_weight * nitp_rows + opts.z_loss_weight * z_rows
+        return (loss_rows, ce_rows.detach(), nitp_rows.detach(), z_rows.detach(), n_ce, n_nitp, accuracy,
+                lse.detach() if opts.return_lse else None)
     if opts.reduction == "mean":
-        ce = ce_sum / n_ce.clamp_min(1)
+        if class_weight is None:
+            ce = ce_sum / n_ce.clamp_min(1)
+        else:  # F.cross_entropy's weighted mean: divided by the summed weights of the labelled positions
+            weight_sum = class_weight[labels[ce_mask]].sum()
+            ce = ce_sum / weight_sum if bool(n_ce > 0) else ce_sum
         z = z_sum / n_ce.clamp_min(1)
         nitp = nitp_sum / n_nitp.clamp_min(1)
     else:
         ce, z, nitp = ce_sum, z_sum, nitp_sum
     loss = ce + opts.nitp_weight * nitp + opts.z_loss_weight * z
-    outputs = (loss, ce.detach(), nitp.detach(), z.detach(), n_ce, n_nitp)
+    outputs = (loss, ce.detach(), nitp.detach(), z.detach(), n_ce, n_nitp, accuracy, None)
     if opts.return_grad_norms:
         norms = []
         for term in (ce + opts.z_loss_weight * z, nitp):
