@@ -338,6 +338,14 @@ def _nitp_pass(call: _Call, valid: Tensor, loss_rows: Tensor, grad_sq: Optional[
             grads.hidden[start:end].addcmul_(d_from_nitp, call.nitp_scale)
 
 
+def refuse_double_backward(why: str) -> None:
+    """Raise inside an autograd backward run with create_graph=True (the only case autograd runs backward in
+    grad mode): a gradient penalty through gradients computed without autograd would come out silently wrong."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(f"fused NITP loss: double backward (create_graph=True) is not supported — {why}. Use "
+                           "backend='reference' for gradient penalties or other higher-order gradients.")
+
+
 class FusedNITPFunction(torch.autograd.Function):
     """Autograd wrapper: forward runs the chunk loop and saves only gradient buffers; backward scales them."""
 
@@ -371,13 +379,9 @@ class FusedNITPFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, *unused):
-        if torch.is_grad_enabled():  # autograd runs backward in grad mode only for create_graph=True
-            # The gradients were formed in the forward pass, so to a second differentiation they are
-            # constants: a gradient penalty would come out silently wrong. Refuse instead.
-            raise RuntimeError(
-                "fused NITP loss: double backward (create_graph=True) is not supported — the op computes its "
-                "gradients during the forward pass, so their own gradients would be missing. Use "
-                "backend='reference' for gradient penalties or other higher-order gradients.")
+        # The gradients were formed in the forward pass: to a second differentiation they are constants
+        refuse_double_backward("the op computes its gradients during the forward pass, so their own gradients "
+                               "would be missing")
         stored = iter(ctx.saved_tensors)
         grads = [next(stored) if has else None for has in ctx.has]
         if ctx.first_scale is None:

@@ -39,7 +39,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from .chunked import ChunkOps, run_chunks
+from .chunked import ChunkOps, refuse_double_backward, run_chunks
 from .options import Problem
 from .row_terms import RowTerms
 
@@ -179,13 +179,8 @@ class PerTokenFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, *unused):
-        if torch.is_grad_enabled():  # autograd runs backward in grad mode only for create_graph=True
-            # the recomputation runs without autograd: to a second differentiation its results would be
-            # constants, and a gradient penalty would come out silently wrong
-            raise RuntimeError(
-                "fused NITP loss: double backward (create_graph=True) is not supported with reduction='none' or "
-                "ce_weight — the backward pass recomputes its gradients without autograd. Use "
-                "backend='reference' for gradient penalties or other higher-order gradients.")
+        refuse_double_backward("with reduction='none' or ce_weight the backward pass recomputes its gradients "
+                               "without autograd")
         hidden, lm_weight, lm_bias, shallow, w_gate, w_up, w_down = ctx.saved_tensors
         problem: Problem = ctx.problem
         opts = problem.options
