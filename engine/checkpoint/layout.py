@@ -14,7 +14,6 @@ SHA-256, state.json agrees on the step and ``.metadata`` passes the restricted u
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -26,6 +25,7 @@ import numpy as np
 import torch
 
 from engine.checkpoint.safe_io import CheckpointError, UnsafeCheckpointError, read_metadata_safely
+from engine.integrity import file_sha256
 
 CKPT_SUBDIR = "checkpoints"
 SUPERSEDED_SUBDIR = "superseded"  # checkpoints of an abandoned timeline, under checkpoints/
@@ -60,15 +60,9 @@ def write_json(path: Path, obj: Any) -> None:
         os.fsync(f.fileno())
 
 
-def file_digest(path: Path) -> str:
-    """SHA-256 of a file, read in 1 MiB blocks."""
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def describe_files(folder: Path, names: list[str]) -> dict[str, dict[str, Any]]:
     """{name: {"size", "sha256"}} of the given files of ``folder`` (what the marker records)."""
-    return {n: {"size": (folder / n).stat().st_size, "sha256": file_digest(folder / n)} for n in names}
+    return {n: {"size": (folder / n).stat().st_size, "sha256": file_sha256(folder / n)} for n in names}
 
 
 def _check_file(path: Path, entry: Any, verify_checksum: bool) -> None:
@@ -77,7 +71,7 @@ def _check_file(path: Path, entry: Any, verify_checksum: bool) -> None:
     actual = path.stat().st_size
     if actual != size:
         raise CheckpointError(f"{path}: {actual} bytes, the marker says {size}")
-    if verify_checksum and digest is not None and file_digest(path) != digest:
+    if verify_checksum and digest is not None and file_sha256(path) != digest:
         raise CheckpointError(f"{path}: SHA-256 differs from the one recorded when it was written "
                               "(the file was modified or corrupted on disk)")
 

@@ -29,7 +29,8 @@ from engine.data.config import DataConfig, DataError
 from engine.data.documents import (collect_documents, corpus_hash, load_hf_dataset, local_files,
                                    looks_like_path, stdlib_files)
 from engine.data.loader import TokenStream, split_documents, token_dtype
-from engine.data.tokenizer import cached_bpe, encode_documents, file_sha256, load_tokenizer
+from engine.data.tokenizer import cached_bpe, encode_documents, load_tokenizer
+from engine.integrity import file_sha256
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from engine.data.config import DataConfig, DataError
-from engine.data.tokenizer import file_sha256
+from engine.integrity import file_sha256
 
 log = logging.getLogger(__name__)
 

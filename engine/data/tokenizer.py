@@ -29,6 +29,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 
 from engine.data.config import MIN_BPE_VOCAB, TOKENIZER_SAMPLE_BYTES, DataError
+from engine.integrity import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -79,15 +80,6 @@ def split_text(text: str, max_chars: int) -> Iterator[str]:
         yield text[start:cut]
         start = cut
     yield text[start:]
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def eod_id_of(tokenizer: Any, path: str) -> int:
