@@ -29,7 +29,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 
 import logging  # noqa: E402
 
-from engine.cli import check_environment, cli_errors  # noqa: E402
+from engine.cli import cli_errors  # noqa: E402
 from engine.config import parse_cli  # noqa: E402
 
 
@@ -41,8 +41,8 @@ def main(argv: list[str] | None = None) -> None:
                         format="%(message)s")
     # every library error (bad data, an unusable checkpoint or HF folder, a full disk) is one line
     with cli_errors():
-        check_environment(cfg)
-        from engine.trainer import run  # heavy imports only after the flags are known to be valid
+        # heavy imports only after the flags are known to be valid; build_state checks the machine and paths
+        from engine.trainer import run
 
         run(cfg)
 

@@ -110,7 +110,7 @@ class TrainState:
 
 def build_state(cfg: TrainConfig) -> TrainState:
     """Join the process group, claim cfg.out, open the data, build and shard the model, make the optimizer."""
-    check_environment(cfg)  # the machine and the paths, before joining a process group (also done by the CLI)
+    check_environment(cfg)  # the machine and the paths, before joining a process group or any data work
     info = init_distributed(cfg)
     lock = None
     try:
