@@ -163,9 +163,10 @@ def _run(problem: Problem, ops: ChunkOps, wants: dict[str, bool], plan: MatmulPl
     n_nitp = nitp_valid.sum() if problem.with_nitp else torch.zeros((), dtype=torch.int64, device=device)
     mean = opts.reduction == "mean"
     ce_scale = 1.0 / n_ce.clamp_min(1).to(acc) if mean else None
+    nitp_count = n_nitp.clamp_min(1).to(acc)  # the divisor of every NITP mean (0 positions: the terms are 0)
     nitp_scale = torch.full((), opts.nitp_weight, dtype=acc, device=device)
     if mean:
-        nitp_scale = nitp_scale / n_nitp.clamp_min(1).to(acc)
+        nitp_scale = nitp_scale / nitp_count
 
     width = 0 if problem.projector is None else problem.projector[0].shape[0]
     grads = _allocate(wants, n_rows, d, vocab, width, acc, device)
@@ -198,9 +199,9 @@ def _run(problem: Problem, ops: ChunkOps, wants: dict[str, bool], plan: MatmulPl
     nitp = nitp_sum
     if mean:
         ce, z = ce * ce_scale, z * ce_scale
-        nitp = nitp_sum / n_nitp.clamp_min(1).to(acc)
+        nitp = nitp_sum / nitp_count
     if return_norms:
-        nitp_norm = nitp_sq.sqrt() / n_nitp.clamp_min(1).to(acc) if mean else nitp_sq.sqrt()
+        nitp_norm = nitp_sq.sqrt() / nitp_count if mean else nitp_sq.sqrt()
         norms = [ce_norm, nitp_norm]
     else:
         norms = [hidden.new_empty(0, dtype=acc), hidden.new_empty(0, dtype=acc)]
