@@ -20,6 +20,8 @@ from typing import Any
 from engine.cli import TRACEBACK_HELP, OneLineArgumentParser, cli_errors
 
 OBJECTIVES = ("nitp", "ntp", "cosreg")
+# The op's vocabularies (nitp_kernels.contract), repeated so that parsing flags imports no torch;
+# tests/test_engine_config.py holds them equal.
 NITP_LOSS_TYPES = ("cosine", "mse", "smooth_l1", "kl")
 BACKENDS = ("auto", "reference", "torch", "triton")
 DEVICES = ("auto", "cpu", "cuda")

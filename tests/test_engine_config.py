@@ -92,3 +92,12 @@ def test_wsd_schedule_warmup_stable_decay():
     assert f[80] == 1.0 and f[90] == pytest.approx(0.5) and f[99] == pytest.approx(0.05)
     assert all(a >= b for a, b in zip(f[80:], f[81:]))          # monotone decay
     assert wsd_factor(99, 100, 10, 0.2, min_lr_ratio=0.1) == pytest.approx(1 - 0.9 * 19 / 20)
+
+
+def test_the_engine_offers_exactly_the_ops_loss_types_and_backends():
+    """engine/config.py repeats the op's vocabularies so that flag parsing imports no torch: they must not drift."""
+    from engine import config
+    from nitp_kernels import contract
+
+    assert config.NITP_LOSS_TYPES == contract.LOSS_TYPES
+    assert config.BACKENDS == contract.BACKENDS
